@@ -1,0 +1,1 @@
+"""Shared building blocks of the LoRA Fleet services (no torch, no vLLM)."""

