@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lorafleet/trainer/v1/trainer.proto\x12\x14lorafleet.trainer.v1\"\xab\x01\n\x10\x43reateJobRequest\x12\x14\n\x0cmanifest_uri\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.lorafleet.trainer.v1.CreateJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa8\x01\n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12P\n\x0elabel_selector\x18\x02 \x03(\x0b\x32\x38.lorafleet.trainer.v1.ListJobsRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x10ListJobsResponse\x12\'\n\x04jobs\x18\x01 \x03(\x0b\x32\x19.lorafleet.trainer.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\xa9\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.lorafleet.trainer.v1.JobState\x12\x14\n\x0cmanifest_uri\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_uri\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12\x0c\n\x04step\x18\x0c \x01(\r\x12\x13\n\x0btotal_steps\x18\r \x01(\r\x12\x0c\n\x04loss\x18\x0e \x01(\x02\x12\x16\n\x0etrained_tokens\x18\x0f \x01(\x04\x12\x35\n\x06labels\x18\x10 \x03(\x0b\x32%.lorafleet.trainer.v1.Job.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.lorafleet.trainer.v1.JobState\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x30\n\x08progress\x18\x07 \x01(\x0b\x32\x1e.lorafleet.trainer.v1.Progress\"\xac\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x02\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x02\x12\x19\n\x11peak_memory_bytes\x18\x08 \x01(\x04*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_VALIDATING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xaa\x03\n\x0eTrainerService\x12N\n\tCreateJob\x12&.lorafleet.trainer.v1.CreateJobRequest\x1a\x19.lorafleet.trainer.v1.Job\x12H\n\x06GetJob\x12#.lorafleet.trainer.v1.GetJobRequest\x1a\x19.lorafleet.trainer.v1.Job\x12Y\n\x08ListJobs\x12%.lorafleet.trainer.v1.ListJobsRequest\x1a&.lorafleet.trainer.v1.ListJobsResponse\x12N\n\tCancelJob\x12&.lorafleet.trainer.v1.CancelJobRequest\x1a\x19.lorafleet.trainer.v1.Job\x12S\n\x08WatchJob\x12%.lorafleet.trainer.v1.WatchJobRequest\x1a\x1e.lorafleet.trainer.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lorafleet/trainer/v1/trainer.proto\x12\x14lorafleet.trainer.v1\"\xab\x01\n\x10\x43reateJobRequest\x12\x14\n\x0cmanifest_uri\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.lorafleet.trainer.v1.CreateJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa8\x01\n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12P\n\x0elabel_selector\x18\x02 \x03(\x0b\x32\x38.lorafleet.trainer.v1.ListJobsRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x10ListJobsResponse\x12\'\n\x04jobs\x18\x01 \x03(\x0b\x32\x19.lorafleet.trainer.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"H\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"G\n\x15ListJobEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.lorafleet.trainer.v1.JobEvent\"\xa9\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.lorafleet.trainer.v1.JobState\x12\x14\n\x0cmanifest_uri\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_uri\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12\x0c\n\x04step\x18\x0c \x01(\r\x12\x13\n\x0btotal_steps\x18\r \x01(\r\x12\x0c\n\x04loss\x18\x0e \x01(\x02\x12\x16\n\x0etrained_tokens\x18\x0f \x01(\x04\x12\x35\n\x06labels\x18\x10 \x03(\x0b\x32%.lorafleet.trainer.v1.Job.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.lorafleet.trainer.v1.JobState\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x30\n\x08progress\x18\x07 \x01(\x0b\x32\x1e.lorafleet.trainer.v1.Progress\"\xac\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x02\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x02\x12\x19\n\x11peak_memory_bytes\x18\x08 \x01(\x04*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_VALIDATING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\x94\x04\n\x0eTrainerService\x12N\n\tCreateJob\x12&.lorafleet.trainer.v1.CreateJobRequest\x1a\x19.lorafleet.trainer.v1.Job\x12H\n\x06GetJob\x12#.lorafleet.trainer.v1.GetJobRequest\x1a\x19.lorafleet.trainer.v1.Job\x12Y\n\x08ListJobs\x12%.lorafleet.trainer.v1.ListJobsRequest\x1a&.lorafleet.trainer.v1.ListJobsResponse\x12N\n\tCancelJob\x12&.lorafleet.trainer.v1.CancelJobRequest\x1a\x19.lorafleet.trainer.v1.Job\x12S\n\x08WatchJob\x12%.lorafleet.trainer.v1.WatchJobRequest\x1a\x1e.lorafleet.trainer.v1.JobEvent0\x01\x12h\n\rListJobEvents\x12*.lorafleet.trainer.v1.ListJobEventsRequest\x1a+.lorafleet.trainer.v1.ListJobEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSREQUEST_LABELSELECTORENTRY']._serialized_options = b'8\001'
   _globals['_JOB_LABELSENTRY']._loaded_options = None
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1376
-  _globals['_JOBSTATE']._serialized_end=1556
+  _globals['_JOBSTATE']._serialized_start=1523
+  _globals['_JOBSTATE']._serialized_end=1703
   _globals['_CREATEJOBREQUEST']._serialized_start=61
   _globals['_CREATEJOBREQUEST']._serialized_end=232
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=187
@@ -55,14 +55,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBREQUEST']._serialized_end=533
   _globals['_WATCHJOBREQUEST']._serialized_start=535
   _globals['_WATCHJOBREQUEST']._serialized_end=586
-  _globals['_JOB']._serialized_start=589
-  _globals['_JOB']._serialized_end=1014
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=588
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=660
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=662
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=733
+  _globals['_JOB']._serialized_start=736
+  _globals['_JOB']._serialized_end=1161
   _globals['_JOB_LABELSENTRY']._serialized_start=187
   _globals['_JOB_LABELSENTRY']._serialized_end=232
-  _globals['_JOBEVENT']._serialized_start=1017
-  _globals['_JOBEVENT']._serialized_end=1198
-  _globals['_PROGRESS']._serialized_start=1201
-  _globals['_PROGRESS']._serialized_end=1373
-  _globals['_TRAINERSERVICE']._serialized_start=1559
-  _globals['_TRAINERSERVICE']._serialized_end=1985
+  _globals['_JOBEVENT']._serialized_start=1164
+  _globals['_JOBEVENT']._serialized_end=1345
+  _globals['_PROGRESS']._serialized_start=1348
+  _globals['_PROGRESS']._serialized_end=1520
+  _globals['_TRAINERSERVICE']._serialized_start=1706
+  _globals['_TRAINERSERVICE']._serialized_end=2238
 # @@protoc_insertion_point(module_scope)

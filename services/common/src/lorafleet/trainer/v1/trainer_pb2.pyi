@@ -82,6 +82,22 @@ class WatchJobRequest(_message.Message):
     from_seq: int
     def __init__(self, job_id: _Optional[str] = ..., from_seq: _Optional[int] = ...) -> None: ...
 
+class ListJobEventsRequest(_message.Message):
+    __slots__ = ("job_id", "after_seq", "limit")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_seq: int
+    limit: int
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListJobEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
+
 class Job(_message.Message):
     __slots__ = ("id", "state", "manifest_uri", "adapter_name", "adapter_version", "base_model", "adapter_uri", "error", "created_at", "started_at", "finished_at", "step", "total_steps", "loss", "trained_tokens", "labels")
     class LabelsEntry(_message.Message):

@@ -60,6 +60,11 @@ class TrainerServiceStub:
                 request_serializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/lorafleet.trainer.v1.TrainerService/ListJobEvents',
+                request_serializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -102,6 +107,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """ListJobEvents returns recorded events without waiting for new ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobRequest.FromString,
                     response_serializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.JobEvent.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.ListJobEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +284,33 @@ class TrainerService:
             '/lorafleet.trainer.v1.TrainerService/WatchJob',
             lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobRequest.SerializeToString,
             lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.trainer.v1.TrainerService/ListJobEvents',
+            lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.ListJobEventsRequest.SerializeToString,
+            lorafleet_dot_trainer_dot_v1_dot_trainer__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
