@@ -1,0 +1,116 @@
+"""The app factory: create_app(settings, deps). No module-level app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lorafleet_gateway.auth import Authenticator
+from lorafleet_gateway.chat.router import router as chat_router
+from lorafleet_gateway.completions.router import router as completions_router
+from lorafleet_gateway.deps import GatewayDeps, GatewayServices, services
+from lorafleet_gateway.errors import install_error_handlers
+from lorafleet_gateway.files.router import router as files_router
+from lorafleet_gateway.files.service import FileService
+from lorafleet_gateway.fine_tuning.router import router as fine_tuning_router
+from lorafleet_gateway.fine_tuning.service import FineTuningService
+from lorafleet_gateway.generation.service import GenerationService
+from lorafleet_gateway.metrics import GatewayMetrics
+from lorafleet_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
+from lorafleet_gateway.models.router import router as models_router
+from lorafleet_gateway.models.service import ModelCatalog
+from lorafleet_gateway.settings import GatewaySettings
+from lorafleet_gateway.upstream.inference import InferencePool, InferenceTimeouts
+from lorafleet_gateway.upstream.trainer import TrainerClient
+
+logger = logging.getLogger(__name__)
+
+ops_router = APIRouter(tags=["operations"])
+
+
+@ops_router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@ops_router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: at least one inference replica answers its gRPC health check with SERVING."""
+    replicas = await services(request).pool.check_health()
+    ok = any(replicas.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", "replicas": replicas}, status_code=200 if ok else 503
+    )
+
+
+@ops_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this gateway."""
+    return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> FastAPI:
+    """Build the gateway; gRPC channels open in the lifespan and close on shutdown."""
+    deps = deps or GatewayDeps.from_settings(settings)
+    gateway_metrics = GatewayMetrics(deps.registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = InferencePool(
+            settings.inference_targets,
+            timeouts=InferenceTimeouts(
+                connect_s=settings.connect_timeout_s,
+                first_token_s=settings.first_token_timeout_s,
+                request_s=settings.request_timeout_s,
+            ),
+            health_interval_s=settings.health_interval_s,
+            metrics=gateway_metrics,
+        )
+        trainer = TrainerClient(
+            settings.trainer_target, connect_timeout_s=settings.connect_timeout_s, timeout_s=settings.trainer_timeout_s
+        )
+        await pool.start()
+        await trainer.start()
+        catalog = ModelCatalog(deps.store, settings.base_model)
+        files = FileService(deps.store)
+        app.state.services = GatewayServices(
+            pool=pool,
+            trainer=trainer,
+            catalog=catalog,
+            generation=GenerationService(catalog, pool, gateway_metrics),
+            files=files,
+            fine_tuning=FineTuningService(deps.store, trainer, files, settings.base_model),
+            metrics=gateway_metrics,
+        )
+        logger.info(
+            "gateway serving %s; inference %s; trainer %s",
+            settings.base_model,
+            ",".join(settings.inference_targets),
+            settings.trainer_target,
+        )
+        try:
+            yield
+        finally:
+            await trainer.close()
+            await pool.close()
+
+    app = FastAPI(
+        title="LoRA Fleet gateway",
+        summary="OpenAI-compatible API for LoRA fine-tuning and multi-LoRA serving.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.authenticator = Authenticator(settings.admin_key)
+    install_error_handlers(app)
+    for router in (chat_router, completions_router, models_router, files_router, fine_tuning_router, ops_router):
+        app.include_router(router)
+    # Added last = outermost: metrics see every response, including the body limit's 413s.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=gateway_metrics)
+    return app

@@ -1,0 +1,248 @@
+"""Scripted upstreams for the gateway's component tests: real grpc.aio servers on loopback ports
+implementing the generated servicers (InferenceService + grpc.health.v1, TrainerService)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
+from lorafleet.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from lorafleet_common.store import LocalStore, ObjectNotFound
+
+# Errors a FakeInference can be told to answer before its first chunk.
+ABORTS = {
+    "unavailable": (grpc.StatusCode.UNAVAILABLE, "replica is draining"),
+    "not_found": (grpc.StatusCode.NOT_FOUND, "adapter not found in the store"),
+    "exhausted": (grpc.StatusCode.RESOURCE_EXHAUSTED, "engine queue is full"),
+    "rejected": (grpc.StatusCode.FAILED_PRECONDITION, "LoRA rank 64 exceeds this server's max_lora_rank 8"),
+    "invalid": (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens exceeds the context window"),
+}
+
+
+def prompt_tokens(request: inference_pb2.GenerateRequest) -> int:
+    """The fake's tokenizer: whitespace words of the prompt or of every message."""
+    if request.WhichOneof("input") == "prompt":
+        return len(request.prompt.split())
+    return sum(len(m.content.split()) + 1 for m in request.chat.messages)  # +1: the role marker
+
+
+def reply_tokens(request: inference_pb2.GenerateRequest, index: int) -> list[str]:
+    """Deterministic reply of choice ``index``; names the adapter so tests can see it was applied."""
+    who = request.adapter.partition("@")[0] or "base"
+    return ["Hello", " from", f" {who}", f" choice{index}", ".", " Bye", "!"]
+
+
+@dataclass
+class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
+    """Streams reply_tokens one token per chunk; honours n, max_tokens, stop and logprobs.
+
+    ``mode``: "ok", one of ABORTS (fail before the first chunk) or "fail_midstream"
+    (INTERNAL after two chunks). ``delay_s`` sleeps before each chunk.
+    """
+
+    name: str
+    mode: str = "ok"
+    delay_s: float = 0.0
+    requests: list[inference_pb2.GenerateRequest] = field(default_factory=list)
+    # Shared by the replicas of one stack: every request in arrival order.
+    journal: list[inference_pb2.GenerateRequest] = field(default_factory=list)
+    cancelled: int = 0
+    health: Any = None
+    port: int = 0
+
+    def reset(self) -> None:
+        self.mode, self.delay_s, self.cancelled = "ok", 0.0, 0
+        self.requests.clear()
+        self.journal.clear()
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        self.requests.append(request)
+        self.journal.append(request)
+        if self.mode in ABORTS:
+            await context.abort(*ABORTS[self.mode])
+        sampling = request.sampling
+        completion = 0
+        sent = 0
+        try:
+            for index in range(max(sampling.n, 1)):
+                chunks = list(self._choice(request, index))
+                for i, chunk in enumerate(chunks):
+                    if self.mode == "fail_midstream" and sent == 2:
+                        await context.abort(grpc.StatusCode.INTERNAL, "engine crashed")
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    completion += chunk.token_count
+                    last_of_stream = index == max(sampling.n, 1) - 1 and i == len(chunks) - 1
+                    if last_of_stream:
+                        chunk.usage.prompt_tokens = prompt_tokens(request)
+                        chunk.usage.completion_tokens = completion
+                    sent += 1
+                    yield chunk
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    def _choice(self, request: inference_pb2.GenerateRequest, index: int) -> list[inference_pb2.GenerateChunk]:
+        sampling = request.sampling
+        tokens = reply_tokens(request, index)
+        text = ""
+        chunks = []
+        finish = "stop"
+        for n_tokens, token in enumerate(tokens, start=1):
+            candidate = text + token
+            hit = min((candidate.find(s) for s in sampling.stop if s and s in candidate), default=-1)
+            if hit >= 0:  # a stop string ends generation and is not returned
+                token = candidate[:hit][len(text) :]
+                chunks.append(self._chunk(request, index, token))
+                break
+            text = candidate
+            chunks.append(self._chunk(request, index, token))
+            if sampling.max_tokens and n_tokens >= sampling.max_tokens and n_tokens < len(tokens):
+                finish = "length"
+                break
+        chunks[-1].finish_reason = finish
+        return chunks
+
+    def _chunk(self, request: inference_pb2.GenerateRequest, index: int, token: str) -> inference_pb2.GenerateChunk:
+        chunk = inference_pb2.GenerateChunk(
+            index=index, text=token, token_count=1, adapter_version=request.adapter.partition("@")[2]
+        )
+        if request.sampling.HasField("logprobs"):
+            top = [
+                inference_pb2.TopLogprob(token=f"alt{k}", logprob=-1.0 - k) for k in range(request.sampling.logprobs)
+            ]
+            chunk.logprobs.append(inference_pb2.TokenLogprob(token=token, logprob=-0.25, top=top))
+        return chunk
+
+
+_FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+
+
+@dataclass
+class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """Keeps jobs in memory; CreateJob reads and checks the manifest from the shared store like the real one."""
+
+    store: LocalStore
+    jobs: dict[str, trainer_pb2.Job] = field(default_factory=dict)
+    events: dict[str, list[trainer_pb2.JobEvent]] = field(default_factory=dict)
+    create_requests: list[trainer_pb2.CreateJobRequest] = field(default_factory=list)
+    port: int = 0
+
+    def _record(self, job: trainer_pb2.Job, kind: str, message: str, progress: Any = None) -> None:
+        log = self.events.setdefault(job.id, [])
+        event = trainer_pb2.JobEvent(
+            seq=len(log) + 1, job_id=job.id, time=time.time(), kind=kind, state=job.state, message=message
+        )
+        if progress is not None:
+            event.progress.CopyFrom(progress)
+        log.append(event)
+
+    async def CreateJob(self, request: trainer_pb2.CreateJobRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.create_requests.append(request)
+        try:
+            manifest = json.loads(self.store.get(request.manifest_uri))
+        except ObjectNotFound:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest {request.manifest_uri} not found")
+        problems = []
+        learning_rate = manifest.get("training", {}).get("learning_rate")
+        if learning_rate is not None and learning_rate <= 0:
+            problems.append("training.learning_rate: must be > 0")
+        if not manifest.get("datasets"):
+            problems.append("datasets: at least one is required")
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        job_id = request.job_id or f"job-{uuid.uuid4().hex[:8]}"
+        job = trainer_pb2.Job(
+            id=job_id,
+            state=trainer_pb2.JOB_STATE_QUEUED,
+            manifest_uri=request.manifest_uri,
+            adapter_name=manifest["adapter_name"],
+            adapter_version=job_id,
+            base_model=manifest["base_model"],
+            created_at=time.time(),
+            labels=dict(request.labels),
+        )
+        self.jobs[job_id] = job
+        self._record(job, "state", "Job queued")
+        return job
+
+    async def _job(self, job_id: str, context: grpc.aio.ServicerContext) -> trainer_pb2.Job:
+        if job_id not in self.jobs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {job_id} not found")
+        return self.jobs[job_id]
+
+    async def GetJob(self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._job(request.job_id, context)
+
+    async def ListJobs(self, request: trainer_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        jobs = sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
+        return trainer_pb2.ListJobsResponse(jobs=jobs[: request.limit or 100])
+
+    async def CancelJob(self, request: trainer_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        job = await self._job(request.job_id, context)
+        if job.state not in _FINAL:
+            job.state = trainer_pb2.JOB_STATE_CANCELLED
+            job.finished_at = time.time()
+            self._record(job, "state", "Job cancelled")
+        return job
+
+    async def ListJobEvents(self, request: trainer_pb2.ListJobEventsRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await self._job(request.job_id, context)
+        events = [e for e in self.events.get(request.job_id, []) if e.seq > request.after_seq]
+        return trainer_pb2.ListJobEventsResponse(events=events[: request.limit or 1000])
+
+    def run_to_success(self, job_id: str, steps: int = 3) -> None:
+        """Script a whole training run: validating, running with progress, published."""
+        job = self.jobs[job_id]
+        job.state = trainer_pb2.JOB_STATE_VALIDATING
+        self._record(job, "state", "Validating training file")
+        job.state = trainer_pb2.JOB_STATE_RUNNING
+        job.started_at = time.time()
+        self._record(job, "state", "Training started")
+        for step in range(1, steps + 1):
+            progress = trainer_pb2.Progress(
+                step=step,
+                total_steps=steps,
+                epoch=step / steps,
+                loss=2.0 / step,
+                learning_rate=1e-4,
+                tokens_per_second=50.0,
+            )
+            job.step, job.total_steps, job.loss = step, steps, 2.0 / step
+            self._record(job, "progress", "", progress)
+        job.state = trainer_pb2.JOB_STATE_SUCCEEDED
+        job.trained_tokens = 1234
+        job.finished_at = time.time()
+        job.adapter_uri = f"adapters/{job.adapter_name}/versions/{job.id}"
+        self._record(job, "published", f"Adapter {job.adapter_name} published")
+
+
+async def serve_inference(fake: FakeInference) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(fake, server)
+    fake.health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(fake.health, server)
+    await fake.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    fake.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server
+
+
+async def serve_trainer(fake: FakeTrainer) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(fake, server)
+    fake.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server
