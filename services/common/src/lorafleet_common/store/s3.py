@@ -23,9 +23,7 @@ def make_client(
         retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         maxsize=16,
     )
-    return Minio(
-        endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
-    )
+    return Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http)
 
 
 class S3Store:
