@@ -61,8 +61,9 @@ def test_publish_resolve_list_delete(tmp_path: Path) -> None:
         resolve_version(store, parse_adapter_ref("ident@v9"))
     with pytest.raises(AdapterNotFound):
         resolve_version(store, parse_adapter_ref("nope"))
+    publish_adapter(store, _folder(tmp_path, "nested"), _meta("ident/nested", "1"))
     assert delete_adapter(store, "ident")
-    assert list_adapter_names(store) == ["team/other"]
+    assert list_adapter_names(store) == ["ident/nested", "team/other"]
     assert not delete_adapter(store, "ident")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -12,6 +13,7 @@ from tests.gateway.gateway_fakes import FakeInference, FakeTrainer, serve_infere
 from tests.gateway.gateway_harness import (
     ADAPTER,
     ADAPTER_VERSION,
+    Gateway,
     LoopThread,
     Stack,
     gateway_settings,
@@ -53,3 +55,19 @@ def gw(stack: Stack) -> Stack:
 @pytest.fixture
 def client(gw: Stack) -> openai.OpenAI:
     return gw.gateway.client()
+
+
+@pytest.fixture
+def extra_gateway(gw: Stack) -> Iterator[Callable[..., Gateway]]:
+    """Start more gateways on the stack's loop (other targets or settings); stopped after the test."""
+    started: list[Gateway] = []
+
+    def start(targets: list[str], **overrides: Any) -> Gateway:
+        settings = gateway_settings(gw.store.root, targets, gw.trainer_target, **overrides)
+        gateway = gw.loop.run(start_gateway(settings, gw.store))
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gw.loop.run(stop_gateway(gateway))

@@ -47,7 +47,8 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     """Streams reply_tokens one token per chunk; honours n, max_tokens, stop and logprobs.
 
     ``mode``: "ok", one of ABORTS (fail before the first chunk) or "fail_midstream"
-    (INTERNAL after two chunks). ``delay_s`` sleeps before each chunk.
+    (INTERNAL after two chunks). ``delay_s`` sleeps before each chunk. Like the real
+    replica it "loads" every adapter it serves and reports it, with its load, in Stats.
     """
 
     name: str
@@ -59,11 +60,25 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     cancelled: int = 0
     health: Any = None
     port: int = 0
+    running: int = 0
+    loaded: set[str] = field(default_factory=set)
+    unloaded: list[str] = field(default_factory=list)
 
     def reset(self) -> None:
         self.mode, self.delay_s, self.cancelled = "ok", 0.0, 0
         self.requests.clear()
         self.journal.clear()
+        self.loaded.clear()
+        self.unloaded.clear()
+
+    async def Stats(self, request: inference_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return inference_pb2.StatsResponse(running=self.running, loaded_adapters=sorted(self.loaded))
+
+    async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.unloaded.append(request.adapter)
+        before = len(self.loaded)
+        self.loaded = {a for a in self.loaded if a.partition("@")[0] != request.adapter}
+        return inference_pb2.UnloadAdapterResponse(was_loaded=len(self.loaded) < before)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -72,9 +87,12 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         self.journal.append(request)
         if self.mode in ABORTS:
             await context.abort(*ABORTS[self.mode])
+        if request.adapter:
+            self.loaded.add(request.adapter)
         sampling = request.sampling
         completion = 0
         sent = 0
+        self.running += 1
         try:
             for index in range(max(sampling.n, 1)):
                 chunks = list(self._choice(request, index))
@@ -93,6 +111,8 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        finally:
+            self.running -= 1
 
     def _choice(self, request: inference_pb2.GenerateRequest, index: int) -> list[inference_pb2.GenerateChunk]:
         sampling = request.sampling
@@ -187,7 +207,9 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         return await self._job(request.job_id, context)
 
     async def ListJobs(self, request: trainer_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        selector = dict(request.label_selector)
         jobs = sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
+        jobs = [j for j in jobs if all(j.labels.get(k) == v for k, v in selector.items())]
         return trainer_pb2.ListJobsResponse(jobs=jobs[: request.limit or 100])
 
     async def CancelJob(self, request: trainer_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -203,8 +225,8 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         events = [e for e in self.events.get(request.job_id, []) if e.seq > request.after_seq]
         return trainer_pb2.ListJobEventsResponse(events=events[: request.limit or 1000])
 
-    def run_to_success(self, job_id: str, steps: int = 3) -> None:
-        """Script a whole training run: validating, running with progress, published."""
+    def run_to_success(self, job_id: str, steps: int = 3, checkpoints: bool = False) -> None:
+        """Script a whole training run: validating, running with progress (and checkpoints), published."""
         job = self.jobs[job_id]
         job.state = trainer_pb2.JOB_STATE_VALIDATING
         self._record(job, "state", "Validating training file")
@@ -222,6 +244,8 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
             )
             job.step, job.total_steps, job.loss = step, steps, 2.0 / step
             self._record(job, "progress", "", progress)
+            if checkpoints:
+                self._record(job, "checkpoint", f"Checkpoint at step {step}", progress)
         job.state = trainer_pb2.JOB_STATE_SUCCEEDED
         job.trained_tokens = 1234
         job.finished_at = time.time()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import grpc
 import httpx
 import openai
 import uvicorn
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from lorafleet_common.adapters import AdapterMetadata, publish_adapter
@@ -32,6 +35,15 @@ ADMIN_KEY = "test-admin-key-0123456789"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADAPTER = "self-cognition"
 ADAPTER_VERSION = "v1"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
 
 
 class LoopThread:
@@ -71,9 +83,25 @@ class Gateway:
         # No client retries: a test must see the gateway's first answer.
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=15, **kwargs)
 
-    def http(self, authorized: bool = True) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"} if authorized else {}
+    def http(self, authorized: bool = True, api_key: str = ADMIN_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if authorized else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=15)
+
+    def new_tenant(self, tenant_id: str | None = None, **limits: Any) -> str:
+        """Create a tenant through the admin API (a fresh id unless given); returns its id."""
+        tenant_id = tenant_id or f"t-{uuid.uuid4().hex[:10]}"
+        with self.http() as http:
+            response = http.post("/v1/admin/tenants", json={"id": tenant_id, "name": f"Tenant {tenant_id}", **limits})
+        assert response.status_code == 201, response.text
+        return tenant_id
+
+    def new_key(self, tenant_id: str, **limits: Any) -> dict[str, Any]:
+        """Create an API key through the admin API; returns the created key object (with its secret)."""
+        with self.http() as http:
+            response = http.post(f"/v1/admin/tenants/{tenant_id}/keys", json=limits)
+        assert response.status_code == 201, response.text
+        created: dict[str, Any] = response.json()
+        return created
 
 
 async def start_gateway(settings: GatewaySettings, store: LocalStore) -> Gateway:
@@ -111,6 +139,7 @@ def gateway_settings(store_root: Path, inference: list[str], trainer: str, **ove
         "health_interval_s": 0.2,
         "max_body_bytes": 256 * 1024,
         "max_file_bytes": 1024 * 1024,
+        "max_prompt_chars": 100_000,
     }
     values.update(overrides)
     return GatewaySettings(**values)
@@ -152,15 +181,22 @@ class Stack:
     def trainer_target(self) -> str:
         return f"127.0.0.1:{self.trainer.port}"
 
+    def new_tenant(self, tenant_id: str | None = None, **limits: Any) -> str:
+        return self.gateway.new_tenant(tenant_id, **limits)
+
+    def new_key(self, tenant_id: str, **limits: Any) -> dict[str, Any]:
+        return self.gateway.new_key(tenant_id, **limits)
+
     def all_requests(self) -> list[Any]:
         """Generate requests of every replica, in arrival order."""
         return list(self.replicas[0].journal)
 
     def reset(self) -> None:
-        def reset_fakes() -> None:
+        async def reset_fakes() -> None:
             for replica in self.replicas:
                 replica.reset()
+                await replica.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
-        self.loop.call(reset_fakes)
-        # Failures in the previous test may have marked replicas unhealthy: re-check now, not in 0.2 s.
+        self.loop.run(reset_fakes())
+        # Failures in the previous test may have ejected replicas: re-check now, not in 0.2 s.
         self.loop.run(self.gateway.app.state.services.pool.check_health())

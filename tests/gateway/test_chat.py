@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import openai
+import pytest
 
 from tests.gateway.gateway_harness import ADAPTER, ADAPTER_VERSION, BASE_MODEL, Stack
 
@@ -167,3 +170,16 @@ def test_logprobs(gw: Stack, client: openai.OpenAI) -> None:
 
     client.chat.completions.create(model=BASE_MODEL, messages=MESSAGES, logprobs=True)  # type: ignore[arg-type]
     assert gw.all_requests()[1].sampling.logprobs == 0  # the sampled token only
+
+
+def test_unknown_fields_are_accepted_and_logged(
+    gw: Stack, client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lorafleet_gateway.schemas")
+    completion = client.chat.completions.create(
+        model=BASE_MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_body={"top_k": 5, "guided_json": {"type": "object"}},
+    )
+    assert completion.choices[0].message.content == REPLY
+    assert any("top_k" in r.getMessage() and "guided_json" in r.getMessage() for r in caplog.records)

@@ -24,8 +24,8 @@ def upload(client: openai.OpenAI, data: bytes = JSONL, name: str = "train.jsonl"
     return client.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune").id
 
 
-def manifest_of(gw: Stack, job_id: str) -> dict[str, Any]:
-    return json.loads(gw.store.get(f"manifests/{job_id}.json"))
+def manifest_of(gw: Stack, job_id: str, tenant: str = "default") -> dict[str, Any]:
+    return json.loads(gw.store.get(f"manifests/{tenant}/{job_id}.json"))
 
 
 def test_files_lifecycle(gw: Stack, client: openai.OpenAI) -> None:
@@ -37,8 +37,9 @@ def test_files_lifecycle(gw: Stack, client: openai.OpenAI) -> None:
         "train.jsonl",
         len(JSONL),
     )
-    assert gw.store.get(f"files/{created.id}") == JSONL
-    assert json.loads(gw.store.get(f"files/{created.id}.json"))["id"] == created.id
+    # The admin key acts as the built-in "default" tenant: its files live in that namespace.
+    assert gw.store.get(f"files/default/{created.id}") == JSONL
+    assert json.loads(gw.store.get(f"files/default/{created.id}.json"))["id"] == created.id
 
     assert created.id in [f.id for f in client.files.list()]
     assert client.files.retrieve(created.id).bytes == len(JSONL)
@@ -46,7 +47,7 @@ def test_files_lifecycle(gw: Stack, client: openai.OpenAI) -> None:
 
     deleted = client.files.delete(created.id)
     assert deleted.deleted and deleted.id == created.id
-    assert not gw.store.exists(f"files/{created.id}")
+    assert not gw.store.exists(f"files/default/{created.id}")
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
@@ -103,17 +104,18 @@ def test_create_job_writes_manifest_and_calls_trainer(gw: Stack, client: openai.
     assert job.hyperparameters.learning_rate_multiplier == 2.0
 
     request = gw.trainer.create_requests[-1]
-    assert request.manifest_uri == f"manifests/{job.id}.json"
+    assert request.manifest_uri == f"manifests/default/{job.id}.json"
     assert request.job_id == job.id
-    assert {k: request.labels[k] for k in ("training_file", "suffix", "model")} == {
+    assert {k: request.labels[k] for k in ("tenant", "training_file", "suffix", "model")} == {
+        "tenant": "default",
         "training_file": file_id,
         "suffix": "demo",
         "model": BASE_MODEL,
     }
     manifest = manifest_of(gw, job.id)
     assert manifest["base_model"] == BASE_MODEL
-    assert manifest["adapter_name"] == f"ft:smollm2-135m-instruct:demo:{short}"
-    assert manifest["datasets"] == [{"uri": f"files/{file_id}", "format": "auto"}]
+    assert manifest["adapter_name"] == f"default/ft:smollm2-135m-instruct:default:demo:{short}"
+    assert manifest["datasets"] == [{"uri": f"files/default/{file_id}", "format": "auto"}]
     assert manifest["training"] == {
         "seed": 7,
         "epochs": 2,
@@ -135,7 +137,8 @@ def test_job_lifecycle_retrieve_events_list(gw: Stack, client: openai.OpenAI) ->
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
     )
     manifest = manifest_of(gw, job.id)
-    assert manifest["adapter_name"] == f"ft:smollm2-135m-instruct:custom:{job.id.removeprefix('ftjob-')}"
+    fine_tuned_model = f"ft:smollm2-135m-instruct:default:custom:{job.id.removeprefix('ftjob-')}"
+    assert manifest["adapter_name"] == f"default/{fine_tuned_model}"
     assert manifest["training"] == {"seed": 42, "epochs": 1}
     assert "lora" not in manifest and "system_prompt" not in manifest
     assert job.hyperparameters.batch_size == "auto"
@@ -143,7 +146,7 @@ def test_job_lifecycle_retrieve_events_list(gw: Stack, client: openai.OpenAI) ->
     gw.loop.call(lambda: gw.trainer.run_to_success(job.id, steps=3))
     done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded"
-    assert done.fine_tuned_model == manifest["adapter_name"]
+    assert done.fine_tuned_model == fine_tuned_model
     assert done.trained_tokens == 1234
     assert isinstance(done.finished_at, int) and done.finished_at >= done.created_at
 

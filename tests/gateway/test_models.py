@@ -21,9 +21,9 @@ def test_list_has_base_and_published_adapters(gw: Stack, client: openai.OpenAI) 
 
 
 def test_retrieve_ids_with_colons_and_slashes(gw: Stack, client: openai.OpenAI, tmp_path: Path) -> None:
-    names = ["ft:smollm2-135m-instruct:demo:0123456789ab", "team-a/support-bot"]
-    for name in names:
-        publish_test_adapter(gw.store, tmp_path / name.replace("/", "_"), name, "ftjob-0123456789ab")
+    names = ["ft:smollm2-135m-instruct:default:demo:0123456789ab", "team-a/support-bot"]
+    for name in names:  # in the default tenant's namespace: the admin key acts as that tenant
+        publish_test_adapter(gw.store, tmp_path / name.replace("/", "_"), f"default/{name}", "ftjob-0123456789ab")
     listed = {m.id for m in client.models.list()}
     for name in names:
         assert name in listed

@@ -4,42 +4,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.gateway_harness import BASE_MODEL, Gateway, Stack, gateway_settings, start_gateway, stop_gateway
+from tests.gateway.gateway_harness import BASE_MODEL, Gateway, Stack, wait_for
 
 OK_BODY = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-@pytest.fixture
-def extra_gateway(gw: Stack, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    """Start more gateways on the stack's loop (other targets or timeouts); stopped after the test."""
-    started: list[Gateway] = []
-
-    def start(targets: list[str], **overrides: object) -> Gateway:
-        settings = gateway_settings(gw.store.root, targets, gw.trainer_target, **overrides)
-        gateway = gw.loop.run(start_gateway(settings, gw.store))
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gw.loop.run(stop_gateway(gateway))
 
 
 def test_round_robin_over_healthy_replicas(gw: Stack, client: openai.OpenAI) -> None:
@@ -164,6 +138,9 @@ def test_metrics_and_health(gw: Stack, client: openai.OpenAI) -> None:
     assert values[("lorafleet_gateway_requests_total", "/v1/completions", "adapter", "200")] >= 1
     assert values[("lorafleet_gateway_time_to_first_token_seconds_count", "adapter")] >= 1
     assert values[("lorafleet_gateway_request_seconds_count", "/v1/chat/completions")] >= 1
+    by_model = samples(text, order=("route", "tenant", "model", "status"))
+    assert by_model[("lorafleet_gateway_requests_total", "/v1/chat/completions", "default", BASE_MODEL, "200")] >= 1
+    assert by_model[("lorafleet_gateway_requests_total", "/v1/completions", "default", "self-cognition", "200")] >= 1
 
 
 def test_disconnects_are_counted_as_499(gw: Stack) -> None:
@@ -180,11 +157,34 @@ def test_disconnects_are_counted_as_499(gw: Stack) -> None:
     assert wait_for(counted)
 
 
-def samples(text: str) -> dict[tuple[str, ...], float]:
-    """Metric samples keyed by (name, label values in route/model_kind/status/replica order)."""
-    order = ("route", "model_kind", "status", "replica")
-    return {
-        (sample.name, *(sample.labels[k] for k in order if k in sample.labels)): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def samples(text: str, order: tuple[str, ...] = ("route", "model_kind", "status", "replica")) -> dict[tuple, float]:
+    """Metric samples keyed by (name, values of the labels in ``order``), summed over the other labels."""
+    totals: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, *(sample.labels[k] for k in order if k in sample.labels))
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def test_replica_slots_are_released_however_requests_end(gw: Stack, client: openai.OpenAI) -> None:
+    """In-flight counts drive routing: every way a request can end must give its slot back."""
+    client.chat.completions.create(**OK_BODY)  # type: ignore[arg-type]
+    list(client.chat.completions.create(**OK_BODY, stream=True))  # type: ignore[call-overload]
+    for replica in gw.replicas:
+        replica.delay_s = 0.2
+    with gw.gateway.http() as http, http.stream("POST", "/v1/chat/completions", json={**OK_BODY, "stream": True}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))  # walk away mid-stream
+    with gw.gateway.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=OK_BODY, timeout=0.5)  # walk away before the answer
+    for replica in gw.replicas:
+        replica.delay_s, replica.mode = 0.0, "fail_midstream"
+    with gw.gateway.http() as http:
+        http.post("/v1/chat/completions", json={**OK_BODY, "stream": True})
+        http.post("/v1/chat/completions", json=OK_BODY)
+    for replica in gw.replicas:
+        replica.mode = "invalid"
+    with gw.gateway.http() as http:
+        assert http.post("/v1/chat/completions", json=OK_BODY).status_code == 400
+    pool = gw.gateway.app.state.services.pool
+    assert wait_for(lambda: all(r.in_flight == 0 for r in pool.replicas) and not pool.streams)

@@ -29,6 +29,21 @@ def test_env_names_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.first_token_timeout_s == 12.5
     assert settings.base_model == "Qwen/Qwen2.5-7B-Instruct"
     assert (settings.host, settings.port, settings.trainer_target) == ("127.0.0.1", 8000, "127.0.0.1:50061")
+    assert settings.resolved_database_url() == f"sqlite:///{(settings.home / 'gateway.db').resolve()}"
+    assert (settings.default_rpm_limit, settings.default_tpm_limit) == (None, None)
+
+
+def test_dns_targets_database_url_and_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLEET_ADMIN_KEY", "k")
+    monkeypatch.setenv("LORAFLEET_GATEWAY_INFERENCE_TARGETS", "dns:///inference.ns.svc.cluster.local:50051,10.0.0.9:1")
+    monkeypatch.setenv("LORAFLEET_GATEWAY_DATABASE_URL", "postgresql+psycopg://u:pw@db:5432/gateway")
+    monkeypatch.setenv("LORAFLEET_GATEWAY_DEFAULT_RPM_LIMIT", "600")
+    monkeypatch.setenv("LORAFLEET_GATEWAY_DEFAULT_TPM_LIMIT", "100000")
+    settings = GatewaySettings()  # type: ignore[call-arg]
+    assert settings.inference_targets == ["dns:///inference.ns.svc.cluster.local:50051", "10.0.0.9:1"]
+    assert settings.resolved_database_url() == "postgresql+psycopg://u:pw@db:5432/gateway"
+    assert "pw" not in repr(settings)  # the database password stays out of logs
+    assert (settings.default_rpm_limit, settings.default_tpm_limit) == (600, 100_000)
 
 
 def test_json_list_targets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,6 +58,8 @@ def test_json_list_targets(monkeypatch: pytest.MonkeyPatch) -> None:
         {},
         {"LORAFLEET_ADMIN_KEY": "   "},
         {"LORAFLEET_ADMIN_KEY": "k", "LORAFLEET_GATEWAY_INFERENCE_TARGETS": "no-port"},
+        {"LORAFLEET_ADMIN_KEY": "k", "LORAFLEET_GATEWAY_INFERENCE_TARGETS": "dns:///no-port"},
+        {"LORAFLEET_ADMIN_KEY": "k", "LORAFLEET_GATEWAY_DEFAULT_RPM_LIMIT": "0"},
     ],
 )
 def test_invalid_settings_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:

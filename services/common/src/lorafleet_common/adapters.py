@@ -125,11 +125,13 @@ def list_adapter_names(store: ObjectStore) -> list[str]:
 
 def delete_adapter(store: ObjectStore, name: str) -> bool:
     """Remove every version of an adapter; LATEST goes first so readers stop at once."""
-    keys = store.list(f"{ADAPTERS_PREFIX}/{validate_adapter_name(name)}/")
-    if not keys:
+    # Only this name's own keys: a nested name ("a/b") shares the prefix "adapters/a/".
+    versions = store.list(f"{ADAPTERS_PREFIX}/{validate_adapter_name(name)}/versions/")
+    latest = latest_key(name)
+    if not versions and not store.exists(latest):
         return False
-    store.delete(latest_key(name))
-    for key in keys:
+    store.delete(latest)
+    for key in versions:
         store.delete(key)
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,9 +11,10 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lorafleet_gateway.auth import Authenticator
+from lorafleet_gateway.auth import Authenticator, DefaultLimits
 from lorafleet_gateway.chat.router import router as chat_router
 from lorafleet_gateway.completions.router import router as completions_router
+from lorafleet_gateway.db.database import migrate, open_engine
 from lorafleet_gateway.deps import GatewayDeps, GatewayServices, services
 from lorafleet_gateway.errors import install_error_handlers
 from lorafleet_gateway.files.router import router as files_router
@@ -24,8 +26,11 @@ from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
 from lorafleet_gateway.models.router import router as models_router
 from lorafleet_gateway.models.service import ModelCatalog
+from lorafleet_gateway.quotas import RateLimiter
 from lorafleet_gateway.settings import GatewaySettings
-from lorafleet_gateway.upstream.inference import InferencePool, InferenceTimeouts
+from lorafleet_gateway.tenancy.directory import TenantDirectory
+from lorafleet_gateway.tenancy.router import router as admin_router
+from lorafleet_gateway.upstream.inference import InferencePool, InferenceTimeouts, RoutingPolicy
 from lorafleet_gateway.upstream.trainer import TrainerClient
 
 logger = logging.getLogger(__name__)
@@ -59,18 +64,36 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
     """Build the gateway; gRPC channels open in the lifespan and close on shutdown."""
     deps = deps or GatewayDeps.from_settings(settings)
     gateway_metrics = GatewayMetrics(deps.registry)
+    limiter = RateLimiter(gateway_metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = open_engine(settings.resolved_database_url(), timeout_s=settings.connect_timeout_s)
+        await asyncio.to_thread(migrate, engine)
+        directory = TenantDirectory(engine)
+        app.state.authenticator = Authenticator(
+            settings.admin_key,
+            directory,
+            defaults=DefaultLimits(rpm=settings.default_rpm_limit, tpm=settings.default_tpm_limit),
+            cache_s=settings.auth_cache_s,
+        )
         pool = InferencePool(
             settings.inference_targets,
             timeouts=InferenceTimeouts(
                 connect_s=settings.connect_timeout_s,
                 first_token_s=settings.first_token_timeout_s,
                 request_s=settings.request_timeout_s,
+                stream_idle_s=settings.stream_idle_timeout_s,
             ),
             health_interval_s=settings.health_interval_s,
             metrics=gateway_metrics,
+            policy=RoutingPolicy(
+                retry_attempts=settings.retry_attempts,
+                load_factor=settings.affinity_load_factor,
+                min_slack=settings.affinity_min_slack,
+            ),
+            dns_refresh_s=settings.dns_refresh_s,
+            eject_after=settings.eject_after_failures,
         )
         trainer = TrainerClient(
             settings.trainer_target, connect_timeout_s=settings.connect_timeout_s, timeout_s=settings.trainer_timeout_s
@@ -83,10 +106,13 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             pool=pool,
             trainer=trainer,
             catalog=catalog,
-            generation=GenerationService(catalog, pool, gateway_metrics),
+            generation=GenerationService(
+                catalog, pool, gateway_metrics, limiter, max_prompt_chars=settings.max_prompt_chars
+            ),
             files=files,
             fine_tuning=FineTuningService(deps.store, trainer, files, settings.base_model),
             metrics=gateway_metrics,
+            directory=directory,
         )
         logger.info(
             "gateway serving %s; inference %s; trainer %s",
@@ -99,6 +125,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
         finally:
             await trainer.close()
             await pool.close()
+            engine.dispose()
 
     app = FastAPI(
         title="LoRA Fleet gateway",
@@ -106,9 +133,10 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.authenticator = Authenticator(settings.admin_key)
+    app.state.limiter = limiter
     install_error_handlers(app)
-    for router in (chat_router, completions_router, models_router, files_router, fine_tuning_router, ops_router):
+    routers = (chat_router, completions_router, models_router, files_router, fine_tuning_router, admin_router)
+    for router in (*routers, ops_router):
         app.include_router(router)
     # Added last = outermost: metrics see every response, including the body limit's 413s.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)

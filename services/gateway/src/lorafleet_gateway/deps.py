@@ -16,6 +16,7 @@ from lorafleet_gateway.generation.service import GenerationService
 from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.models.service import ModelCatalog
 from lorafleet_gateway.settings import GatewaySettings
+from lorafleet_gateway.tenancy.directory import TenantDirectory
 from lorafleet_gateway.upstream.inference import InferencePool
 from lorafleet_gateway.upstream.trainer import TrainerClient
 
@@ -43,6 +44,11 @@ class GatewayServices:
     files: FileService
     fine_tuning: FineTuningService
     metrics: GatewayMetrics
+    directory: TenantDirectory
+
+
+# The dependencies below are async on purpose: FastAPI runs plain `def` dependencies in a worker thread,
+# which costs more than everything else these do.
 
 
 def services(request: Request) -> GatewayServices:
@@ -50,19 +56,19 @@ def services(request: Request) -> GatewayServices:
     return built
 
 
-def _catalog(request: Request) -> ModelCatalog:
+async def _catalog(request: Request) -> ModelCatalog:
     return services(request).catalog
 
 
-def _generation(request: Request) -> GenerationService:
+async def _generation(request: Request) -> GenerationService:
     return services(request).generation
 
 
-def _files(request: Request) -> FileService:
+async def _files(request: Request) -> FileService:
     return services(request).files
 
 
-def _fine_tuning(request: Request) -> FineTuningService:
+async def _fine_tuning(request: Request) -> FineTuningService:
     return services(request).fine_tuning
 
 

@@ -26,11 +26,14 @@ logger = logging.getLogger(__name__)
 class GatewayError(Exception):
     """Base of every error the gateway reports to a client."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 class InvalidRequest(GatewayError):
@@ -45,8 +48,16 @@ class AuthenticationFailed(GatewayError):
     """Missing, malformed or wrong API key."""
 
 
+class PermissionDenied(GatewayError):
+    """A valid key asked for something only the admin key may do."""
+
+
 class NotFound(GatewayError):
-    """The named object (file, job...) does not exist."""
+    """The named object (file, job...) does not exist, or belongs to another tenant (indistinguishable)."""
+
+
+class Conflict(GatewayError):
+    """The object to create already exists (admin API)."""
 
 
 class ModelNotFound(NotFound):
@@ -59,6 +70,14 @@ class BodyTooLarge(GatewayError):
 
 class Overloaded(GatewayError):
     """An upstream said RESOURCE_EXHAUSTED: try again later."""
+
+
+class RequestRateLimited(GatewayError):
+    """The key used up its requests per minute; ``headers`` carries Retry-After."""
+
+
+class TokenRateLimited(GatewayError):
+    """The key used up its tokens per minute; ``headers`` carries Retry-After."""
 
 
 class ServiceUnavailable(GatewayError):
@@ -90,10 +109,15 @@ ERROR_TABLE: dict[type[GatewayError], ErrorKind] = {
     InvalidRequest: ErrorKind(400, "invalid_request_error"),
     AdapterRejected: ErrorKind(400, "invalid_request_error", "adapter_rejected"),
     AuthenticationFailed: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
+    PermissionDenied: ErrorKind(403, "invalid_request_error", "permission_denied"),
     NotFound: ErrorKind(404, "invalid_request_error"),
+    Conflict: ErrorKind(409, "invalid_request_error", "already_exists"),
     ModelNotFound: ErrorKind(404, "invalid_request_error", "model_not_found"),
     BodyTooLarge: ErrorKind(413, "invalid_request_error", "request_too_large"),
     Overloaded: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
+    # OpenAI's own rate-limit bodies: type names the exhausted limit, code is rate_limit_exceeded.
+    RequestRateLimited: ErrorKind(429, "requests", "rate_limit_exceeded"),
+    TokenRateLimited: ErrorKind(429, "tokens", "rate_limit_exceeded"),
     ServiceUnavailable: ErrorKind(503, "server_error", "service_unavailable"),
     UpstreamTimeout: ErrorKind(504, "server_error", "timeout"),
     UpstreamFailed: ErrorKind(502, "server_error", "upstream_error"),
@@ -148,8 +172,10 @@ def payload_for(exc: GatewayError) -> dict[str, Any]:
 
 
 def error_response(exc: GatewayError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationFailed) else None
-    return JSONResponse(payload_for(exc), status_code=kind_of(exc).status, headers=headers)
+    headers = dict(exc.headers or {})
+    if isinstance(exc, AuthenticationFailed):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(payload_for(exc), status_code=kind_of(exc).status, headers=headers or None)
 
 
 # Pydantic error types meaning "the body as a whole is not the JSON object we expect".
@@ -195,9 +221,11 @@ def install_error_handlers(app: FastAPI) -> None:
         authenticator = getattr(request.app.state, "authenticator", None)
         if authenticator is not None and request.url.path.startswith("/v1/"):
             try:
-                authenticator.authenticate(request.headers.get("authorization"))
-            except AuthenticationFailed as auth_exc:
+                principal = await authenticator.authenticate(request.headers.get("authorization"))
+            except (AuthenticationFailed, ServiceUnavailable) as auth_exc:
                 return error_response(auth_exc)
+            if request.url.path.startswith("/v1/admin/") and not principal.is_admin:
+                return error_response(PermissionDenied("This endpoint needs the admin API key."))
         return error_response(validation_error(exc))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class GatewayMetrics:
-    """lorafleet_gateway_* series."""
+    """lorafleet_gateway_* series.
+
+    ``model`` labels carry only models that resolved (the base model id, or an
+    adapter's store name "<tenant>/<id>"; else "none"), and ``tenant`` only
+    authenticated tenants (else "none"), so a caller cannot grow the series
+    count by sending made-up names.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
             "lorafleet_gateway_requests",
-            "HTTP requests by route template, model kind (base, adapter, none) and status code.",
-            ["route", "model_kind", "status"],
+            "HTTP requests by route template, tenant, model, model kind (base, adapter, none) and status code.",
+            ["route", "tenant", "model", "model_kind", "status"],
             registry=registry,
         )
         self.request_seconds = Histogram(
@@ -36,5 +42,42 @@ class GatewayMetrics:
             "lorafleet_gateway_upstream_errors",
             "Failed calls to an inference replica, by replica target.",
             ["replica"],
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "lorafleet_gateway_upstream_retries",
+            "Requests retried on another replica after this replica failed before the first token.",
+            ["replica"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "lorafleet_gateway_rate_limited",
+            "Requests rejected with 429 by the per-key limits, by tenant and limit (requests, tokens).",
+            ["tenant", "limit"],
+            registry=registry,
+        )
+        self.replica_up = Gauge(
+            "lorafleet_gateway_replica_up",
+            "1 while an inference replica is in rotation, 0 while it is ejected.",
+            ["replica"],
+            registry=registry,
+        )
+        self.replica_in_flight = Gauge(
+            "lorafleet_gateway_replica_in_flight",
+            "Generate calls this gateway has open on each inference replica.",
+            ["replica"],
+            registry=registry,
+        )
+        self.replica_ejections = Counter(
+            "lorafleet_gateway_replica_ejections",
+            "Times an inference replica was taken out of rotation after consecutive failures.",
+            ["replica"],
+            registry=registry,
+        )
+        self.routing_decisions = Counter(
+            "lorafleet_gateway_routing_decisions",
+            "Replica choices by reason: affinity (adapter loaded there), hashed (cold adapter's home replica), "
+            "least_loaded.",
+            ["reason"],
             registry=registry,
         )

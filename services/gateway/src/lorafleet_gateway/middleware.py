@@ -63,8 +63,9 @@ class MetricsMiddleware:
     """Counts requests and times them to the last byte sent (whole stream for SSE).
 
     Labels come from the matched route template (never the raw path, to bound
-    cardinality) and from ``model_kind``, which generation routes put in
-    ``request.state``.
+    cardinality), the authenticated principal's tenant, and ``model_kind`` and
+    ``model_label``, which generation routes put in ``request.state`` once the
+    model resolved (so only real model ids become label values).
     """
 
     def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
@@ -90,5 +91,9 @@ class MetricsMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             kind = str(state.get("model_kind", "none"))
-            self.metrics.requests.labels(route=route, model_kind=kind, status=str(status)).inc()
+            model = str(state.get("model_label", "none"))
+            tenant = getattr(state.get("principal"), "tenant", "none")
+            self.metrics.requests.labels(
+                route=route, tenant=tenant, model=model, model_kind=kind, status=str(status)
+            ).inc()
             self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)

@@ -49,6 +49,9 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    def prompt_chars(self) -> int:
+        return sum(len(m.content or "") for m in self.messages)
+
     def token_limit(self) -> int | None:
         # max_completion_tokens is OpenAI's current name; max_tokens the deprecated one.
         return self.max_completion_tokens or self.max_tokens

@@ -8,26 +8,31 @@ from lorafleet_common.names import InvalidName, validate_adapter_name
 from lorafleet_gateway.errors import InvalidRequest
 from lorafleet_gateway.files.service import data_key
 from lorafleet_gateway.fine_tuning.schemas import FineTuningJobCreate
+from lorafleet_gateway.tenancy.namespace import manifests_prefix
 
 BASE_LEARNING_RATE = 1e-4  # learning_rate_multiplier 1.0
 DEFAULT_SEED = 42
-MANIFESTS_PREFIX = "manifests"
 JOB_PREFIX = "ftjob-"
 
 
-def manifest_key(job_id: str) -> str:
-    return f"{MANIFESTS_PREFIX}/{job_id}.json"
+def manifest_key(tenant: str, job_id: str) -> str:
+    return f"{manifests_prefix(tenant)}{job_id}.json"
 
 
-def adapter_name_for(base_model: str, suffix: str | None, job_id: str) -> str:
-    """ft:<base_short>:<suffix or custom>:<job_short>, the fine_tuned_model the job will publish."""
+def fine_tuned_model_for(base_model: str, tenant: str, suffix: str | None, job_id: str) -> str:
+    """ft:<base_short>:<tenant>:<suffix or custom>:<job_short>, the model id the job will publish.
+
+    The tenant's adapter name in the store is "<tenant>/" + this (tenancy/namespace.py).
+    """
     base_short = base_model.rstrip("/").rsplit("/", 1)[-1].lower()
-    name = f"ft:{base_short}:{suffix or 'custom'}:{job_id.removeprefix(JOB_PREFIX)}"
+    name = f"ft:{base_short}:{tenant}:{suffix or 'custom'}:{job_id.removeprefix(JOB_PREFIX)}"
     try:
-        return validate_adapter_name(name)
+        return validate_adapter_name(f"{tenant}/{name}").partition("/")[2]
     except InvalidName as exc:
         raise InvalidRequest(
-            f"suffix {suffix!r} cannot be part of a model name: use letters, digits, '.', '_', '-'", param="suffix"
+            f"suffix {suffix!r} would make an invalid model name {name!r}: use letters, digits, '.', '_', '-' "
+            "and keep the name within 100 characters",
+            param="suffix",
         ) from exc
 
 
@@ -71,12 +76,12 @@ def reported_hyperparameters(training: dict[str, Any]) -> dict[str, str]:
 
 
 def build_manifest(
-    body: FineTuningJobCreate, *, base_model: str, adapter_name: str, labels: dict[str, str]
+    body: FineTuningJobCreate, *, tenant: str, base_model: str, adapter_name: str, labels: dict[str, str]
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "base_model": base_model,
         "adapter_name": adapter_name,
-        "datasets": [{"uri": data_key(body.training_file), "format": "auto"}],
+        "datasets": [{"uri": data_key(tenant, body.training_file), "format": "auto"}],
         "training": training_section(body),
         "labels": labels,
     }

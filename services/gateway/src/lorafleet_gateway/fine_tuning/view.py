@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorafleet.trainer.v1 import trainer_pb2
+from lorafleet_gateway.tenancy.namespace import model_id
 
 JOB_STATUS: dict[int, str] = {
     trainer_pb2.JOB_STATE_UNSPECIFIED: "queued",
@@ -15,7 +16,7 @@ JOB_STATUS: dict[int, str] = {
     trainer_pb2.JOB_STATE_FAILED: "failed",
     trainer_pb2.JOB_STATE_CANCELLED: "cancelled",
 }
-ORGANIZATION = "lorafleet"
+TENANT_LABEL = "tenant"
 
 
 def _label_number(labels: dict[str, str], key: str, kind: type[int] | type[float]) -> int | float | str:
@@ -30,8 +31,11 @@ def _timestamp(seconds: float) -> int | None:
     return int(seconds) if seconds > 0 else None
 
 
-def job_object(job: trainer_pb2.Job) -> dict[str, Any]:
-    """The OpenAI FineTuningJob for a trainer job (hyperparameters come from the labels the gateway set)."""
+def job_object(job: trainer_pb2.Job, tenant: str) -> dict[str, Any]:
+    """The OpenAI FineTuningJob for a tenant's trainer job (hyperparameters come from the labels the gateway set).
+
+    The trainer knows the adapter's store name ("<tenant>/ft:..."); the tenant sees its model id.
+    """
     labels = dict(job.labels)
     status = JOB_STATUS.get(job.state, "queued")
     hyperparameters = {
@@ -49,8 +53,8 @@ def job_object(job: trainer_pb2.Job) -> dict[str, Any]:
         "created_at": int(job.created_at),
         "finished_at": _timestamp(job.finished_at),
         "model": labels.get("model") or job.base_model,
-        "fine_tuned_model": job.adapter_name if status == "succeeded" else None,
-        "organization_id": ORGANIZATION,
+        "fine_tuned_model": (model_id(tenant, job.adapter_name) or job.adapter_name) if status == "succeeded" else None,
+        "organization_id": tenant,
         "status": status,
         "hyperparameters": hyperparameters,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
@@ -77,8 +81,11 @@ def event_seq(event_id_: str) -> int | None:
     return int(tail) if event_id_.startswith("ftevent-") and tail.isdigit() else None
 
 
-def event_object(event: trainer_pb2.JobEvent) -> dict[str, Any]:
+def event_object(event: trainer_pb2.JobEvent, job: trainer_pb2.Job, tenant: str) -> dict[str, Any]:
+    """The OpenAI event; trainer messages name the adapter's store name, shown as the tenant's model id."""
     status = JOB_STATUS.get(event.state, "queued")
+    visible = model_id(tenant, job.adapter_name)
+    text = event.message.replace(job.adapter_name, visible) if visible and job.adapter_name else event.message
     base = {
         "id": event_id(event.job_id, event.seq),
         "object": "fine_tuning.job.event",
@@ -95,7 +102,24 @@ def event_object(event: trainer_pb2.JobEvent) -> dict[str, Any]:
             "tokens_per_second": p.tokens_per_second,
             "epoch": p.epoch,
         }
-        message = event.message or f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}"
+        message = text or f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}"
         return {**base, "message": message, "type": "metrics", "data": data}
-    message = event.message or f"Job {status}"
+    message = text or f"Job {status}"
     return {**base, "message": message, "type": "message", "data": {"kind": event.kind, "status": status}}
+
+
+def checkpoint_object(event: trainer_pb2.JobEvent, fine_tuned_model: str | None) -> dict[str, Any]:
+    """An OpenAI fine_tuning.job.checkpoint for a trainer "checkpoint" event (its progress, when it has one)."""
+    step = event.progress.step if event.HasField("progress") else 0
+    metrics: dict[str, Any] = {"step": step}
+    if event.HasField("progress"):
+        metrics.update(train_loss=event.progress.loss, full_valid_loss=None, full_valid_mean_token_accuracy=None)
+    return {
+        "id": f"ftckpt-{event.job_id.removeprefix('ftjob-')}-{event.seq}",
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": int(event.time),
+        "fine_tuned_model_checkpoint": f"{fine_tuned_model or event.job_id}:ckpt-step-{step}",
+        "fine_tuning_job_id": event.job_id,
+        "metrics": metrics,
+        "step_number": step,
+    }

@@ -59,6 +59,16 @@ class UsageTracker:
     def usage(self) -> Usage:
         return self._reported or Usage(0, self._counted)
 
+    @property
+    def exact(self) -> Usage | None:
+        """The upstream's own count, once its final chunk arrived."""
+        return self._reported
+
+    @property
+    def counted(self) -> int:
+        """Completion tokens seen so far (chunk by chunk)."""
+        return self._counted
+
 
 def check_index(chunk: inference_pb2.GenerateChunk, n: int) -> int:
     if chunk.index >= n:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lorafleet_gateway.errors import ClientClosedRequest, GatewayError, UpstreamFailed, payload_for
 from lorafleet_gateway.upstream.inference import GenerationStream
@@ -23,8 +24,12 @@ DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# One encoder for every event: json.dumps with options would build a new one per chunk.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+    return f"data: {_ENCODER.encode(payload)}\n\n".encode()
 
 
 async def _sse_body(events: AsyncIterator[dict[str, Any]], upstream: GenerationStream) -> AsyncIterator[bytes]:
@@ -45,8 +50,27 @@ async def _sse_body(events: AsyncIterator[dict[str, Any]], upstream: GenerationS
         upstream.cancel()
 
 
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always ends its upstream call, even if its body never started.
+
+    (A client gone before the first byte makes Starlette skip the body
+    generator, whose ``finally`` then never runs: the upstream generation would
+    go on for nobody and its replica slot would stay taken.)
+    """
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]], upstream: GenerationStream) -> None:
+        super().__init__(_sse_body(events, upstream), media_type="text/event-stream", headers=_SSE_HEADERS)
+        self.upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.upstream.cancel()
+
+
 def sse_response(events: AsyncIterator[dict[str, Any]], upstream: GenerationStream) -> StreamingResponse:
-    return StreamingResponse(_sse_body(events, upstream), media_type="text/event-stream", headers=_SSE_HEADERS)
+    return SSEResponse(events, upstream)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T], upstream: GenerationStream) -> T:

@@ -1,4 +1,4 @@
-"""The inference replicas: health-checked, picked round-robin, one retry before the first chunk."""
+"""Generate calls to the inference replicas: route, wait for the first chunk, retry elsewhere before it."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
+from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.errors import (
     GatewayError,
     ModelNotFound,
@@ -21,10 +22,25 @@ from lorafleet_gateway.errors import (
     UpstreamTimeout,
     from_grpc,
 )
+from lorafleet_gateway.generation.aggregate import UsageTracker
 from lorafleet_gateway.metrics import GatewayMetrics
-from lorafleet_gateway.upstream.channels import open_channel
+from lorafleet_gateway.upstream.replicas import Replica, ReplicaSet, Resolver, resolve_dns
+from lorafleet_gateway.upstream.routing import choose
 
 logger = logging.getLogger(__name__)
+
+# Failures before the first chunk that another replica may not share: retried there.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # down or draining
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # its queue is full; another's may not be
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,  # engine trouble on that replica
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+FinishCallback = Callable[[UsageTracker], None]
 
 
 @dataclass(frozen=True)
@@ -32,29 +48,45 @@ class InferenceTimeouts:
     connect_s: float
     first_token_s: float
     request_s: float
+    stream_idle_s: float = 60.0
 
 
-@dataclass
-class Replica:
-    """One inference replica as the gateway sees it."""
-
-    target: str
-    channel: grpc.aio.Channel
-    stub: Any = field(repr=False)
-    health: Any = field(repr=False)
-    # Optimistic until a check says otherwise, so a gateway that starts first serves as soon as replicas do.
-    healthy: bool = True
+@dataclass(frozen=True)
+class RoutingPolicy:
+    retry_attempts: int = 2
+    load_factor: float = 1.25
+    min_slack: int = 2
 
 
 class GenerationStream:
-    """One upstream Generate call whose first chunk has arrived. Iterate for the chunks; cancel() to abort."""
+    """One upstream Generate call whose first chunk has arrived. Iterate for the chunks; cancel() to abort.
 
-    def __init__(self, call: Any, first: inference_pb2.GenerateChunk, replica: Replica, pool: InferencePool) -> None:
+    However it ends (last chunk, error, idle timeout, cancel) it releases its
+    replica slot and reports usage to ``on_finish`` exactly once. A stream
+    silent for longer than the idle timeout is cancelled by the pool's
+    watchdog and ends with UpstreamTimeout (one timer for all streams: a
+    timer per chunk costs more than the chunk's own handling).
+    """
+
+    def __init__(
+        self,
+        call: Any,
+        first: inference_pb2.GenerateChunk,
+        replica: Replica,
+        pool: InferencePool,
+        on_finish: FinishCallback | None = None,
+    ) -> None:
         self._call = call
         self._first: inference_pb2.GenerateChunk | None = first
         self._done = False
         self.replica = replica
         self._pool = pool
+        self._on_finish = on_finish
+        self.usage = UsageTracker()
+        self.usage.add(first)
+        self.last_activity = time.monotonic()
+        self.stalled = False
+        pool.streams.add(self)
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -67,23 +99,50 @@ class GenerationStream:
             raise StopAsyncIteration
         try:
             chunk = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            self._done = True
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            if self.stalled:  # the watchdog cancelled the call, not our caller
+                self._finish()
+                self._pool.metrics.upstream_errors.labels(replica=self.replica.target).inc()
+                idle_s = self._pool.timeouts.stream_idle_s
+                raise UpstreamTimeout(f"inference replica {self.replica.target} sent nothing for {idle_s}s") from None
+            if isinstance(exc, asyncio.CancelledError):  # our caller is cancelled (client gone): stop upstream
+                self.cancel()
+                raise
+            self._finish()
             raise self._pool.upstream_error(self.replica, exc) from exc
         if chunk is grpc.aio.EOF:
-            self._done = True
+            self._finish()
             raise StopAsyncIteration
+        self.last_activity = time.monotonic()
+        self.usage.add(chunk)
         return chunk
+
+    def stall(self) -> None:
+        """Called by the watchdog: the replica went silent; the pending read ends with UpstreamTimeout."""
+        self.stalled = True
+        self._call.cancel()
 
     def cancel(self) -> None:
         """Abort the upstream call if it is still running (client gone, or we stopped reading)."""
         if not self._done:
-            self._done = True
             self._call.cancel()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._pool.streams.discard(self)
+        self._pool.replica_set.release(self.replica)
+        if self._on_finish is not None:
+            try:
+                self._on_finish(self.usage)
+            except Exception:  # accounting must never break a response
+                logger.exception("usage accounting failed")
 
 
 class InferencePool:
-    """Owns one channel per replica, checks grpc.health.v1 in the background, routes Generate calls."""
+    """Routes Generate calls over a ReplicaSet (see routing.py for the policy)."""
 
     def __init__(
         self,
@@ -92,113 +151,138 @@ class InferencePool:
         timeouts: InferenceTimeouts,
         health_interval_s: float,
         metrics: GatewayMetrics,
+        policy: RoutingPolicy | None = None,
+        dns_refresh_s: float = 30.0,
+        eject_after: int = 3,
+        resolver: Resolver = resolve_dns,
     ) -> None:
-        self._targets = list(targets)
-        self._timeouts = timeouts
-        self._health_interval_s = health_interval_s
-        self._metrics = metrics
-        self._replicas: list[Replica] = []
+        self.timeouts = timeouts
+        self.metrics = metrics
+        self.policy = policy or RoutingPolicy()
+        self.replica_set = ReplicaSet(
+            targets,
+            connect_timeout_s=timeouts.connect_s,
+            health_interval_s=health_interval_s,
+            dns_refresh_s=dns_refresh_s,
+            eject_after=eject_after,
+            drain_s=timeouts.request_s,
+            metrics=metrics,
+            resolver=resolver,
+        )
         self._turn = itertools.count()
-        self._health_task: asyncio.Task[None] | None = None
+        self.streams: set[GenerationStream] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def replicas(self) -> list[Replica]:
-        return list(self._replicas)
+        return self.replica_set.replicas
 
     async def start(self) -> None:
-        for target in self._targets:
-            channel = open_channel(target, connect_timeout_s=self._timeouts.connect_s)
-            self._replicas.append(
-                Replica(
-                    target=target,
-                    channel=channel,
-                    stub=inference_pb2_grpc.InferenceServiceStub(channel),
-                    health=health_pb2_grpc.HealthStub(channel),
-                )
-            )
-        self._health_task = asyncio.create_task(self._health_loop(), name="inference-health")
+        await self.replica_set.start()
+        self._watchdog = asyncio.create_task(self._watch_idle_streams(), name="inference-stream-watchdog")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-        await asyncio.gather(*(r.channel.close(grace=None) for r in self._replicas), return_exceptions=True)
-        self._replicas.clear()
+                await self._watchdog
+        await self.replica_set.close()
+
+    async def _watch_idle_streams(self) -> None:
+        idle_s = self.timeouts.stream_idle_s
+        while True:
+            # Checking 4 times per period ends a stalled stream between 1 and 1.25 idle periods after its last chunk.
+            await asyncio.sleep(idle_s / 4)
+            deadline = time.monotonic() - idle_s
+            for stream in [s for s in self.streams if s.last_activity < deadline and not s.stalled]:
+                logger.warning("inference replica %s: stream silent for %ss, ending it", stream.replica.target, idle_s)
+                stream.stall()
 
     async def check_health(self) -> dict[str, bool]:
-        """Ask every replica now; update and return who is healthy."""
-        results = await asyncio.gather(*(self._check(r) for r in self._replicas))
-        return {r.target: ok for r, ok in zip(self._replicas, results, strict=True)}
+        return await self.replica_set.check_health()
 
-    async def _check(self, replica: Replica) -> bool:
-        try:
-            response = await replica.health.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self._timeouts.connect_s
-            )
-            healthy = response.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            healthy = False
-        if healthy != replica.healthy:
-            logger.info("inference replica %s is now %s", replica.target, "healthy" if healthy else "unhealthy")
-        replica.healthy = healthy
-        return healthy
-
-    async def _health_loop(self) -> None:
-        while True:
-            try:
-                await self.check_health()
-            except Exception:  # the loop must outlive any one bad round
-                logger.exception("inference health round failed")
-            await asyncio.sleep(self._health_interval_s)
-
-    def _pick(self, exclude: set[str]) -> Replica | None:
-        candidates = [r for r in self._replicas if r.healthy and r.target not in exclude]
-        if not candidates:
+    def pick(self, adapter: str, exclude: set[str]) -> Replica | None:
+        candidates = {r.target: r for r in self.replica_set.candidates(exclude)}
+        choice = choose(
+            [r.view() for r in candidates.values()],
+            adapter,
+            load_factor=self.policy.load_factor,
+            min_slack=self.policy.min_slack,
+            turn=next(self._turn),
+        )
+        if choice is None:
             return None
-        return candidates[next(self._turn) % len(candidates)]
+        view, reason = choice
+        self.metrics.routing_decisions.labels(reason=reason).inc()
+        return candidates[view.target]
 
     def upstream_error(self, replica: Replica, exc: grpc.aio.AioRpcError) -> GatewayError:
         """Record a failed call and translate it through the error table."""
-        self._metrics.upstream_errors.labels(replica=replica.target).inc()
+        self.metrics.upstream_errors.labels(replica=replica.target).inc()
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            replica.healthy = False  # passive health: skip it until the next check says SERVING
+            self.replica_set.record_failure(replica, f"call failed: {exc.details()}")
         logger.warning("inference replica %s failed: %s %s", replica.target, exc.code().name, exc.details())
         return from_grpc(exc, upstream=f"inference replica {replica.target}", not_found=ModelNotFound, param="model")
 
-    async def generate(self, request: inference_pb2.GenerateRequest) -> GenerationStream:
-        """Start Generate on a healthy replica and wait for its first chunk.
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, on_finish: FinishCallback | None = None
+    ) -> GenerationStream:
+        """Start Generate on the routed replica and wait for its first chunk.
 
-        A replica that is UNAVAILABLE before producing anything is skipped and
-        the call is retried once on another; any other failure is final. Errors
-        before the first chunk therefore reach the client as an HTTP status.
+        A failure in RETRYABLE before anything arrived is retried on another
+        replica, up to policy.retry_attempts times; any other failure is final.
+        Errors before the first chunk therefore reach the client as an HTTP status.
         """
         tried: set[str] = set()
         last_error: GatewayError = ServiceUnavailable("no healthy inference replica")
-        for _attempt in range(2):
-            replica = self._pick(tried)
+        failed: Replica | None = None
+        for _attempt in range(1 + self.policy.retry_attempts):
+            replica = self.pick(request.adapter, tried)
             if replica is None:
                 break
+            if failed is not None:
+                self.metrics.upstream_retries.labels(replica=failed.target).inc()
             tried.add(replica.target)
-            call = replica.stub.Generate(request, timeout=self._timeouts.request_s)
+            self.replica_set.acquire(replica)
+            call = replica.stub.Generate(request, timeout=self.timeouts.request_s)
             try:
-                first = await asyncio.wait_for(call.read(), self._timeouts.first_token_s)
+                async with asyncio.timeout(self.timeouts.first_token_s):
+                    first = await call.read()
             except TimeoutError as exc:
-                call.cancel()
-                self._metrics.upstream_errors.labels(replica=replica.target).inc()
+                self._abandon(replica, call)
+                self.metrics.upstream_errors.labels(replica=replica.target).inc()
                 raise UpstreamTimeout(
-                    f"inference replica {replica.target} produced no output within {self._timeouts.first_token_s}s"
+                    f"inference replica {replica.target} produced no output within {self.timeouts.first_token_s}s"
                 ) from exc
             except grpc.aio.AioRpcError as exc:
+                self._abandon(replica, call)
                 error = self.upstream_error(replica, exc)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in RETRYABLE:
                     raise error from exc
-                last_error = error
+                last_error, failed = error, replica
                 continue
             except BaseException:  # cancelled (client went away): do not leave the call running
-                call.cancel()
+                self._abandon(replica, call)
                 raise
             if first is grpc.aio.EOF:
+                self._abandon(replica, call)
                 raise UpstreamFailed(f"inference replica {replica.target} ended the stream without output")
-            return GenerationStream(call, first, replica, self)
+            return GenerationStream(call, first, replica, self, on_finish)
         raise last_error
+
+    def _abandon(self, replica: Replica, call: Any) -> None:
+        call.cancel()
+        self.replica_set.release(replica)
+
+    async def unload_everywhere(self, adapter: str) -> None:
+        """Best effort: ask every replica to drop ``adapter`` (all versions). Failures are only logged."""
+
+        async def unload(replica: Replica) -> None:
+            try:
+                await replica.stub.UnloadAdapter(
+                    inference_pb2.UnloadAdapterRequest(adapter=adapter), timeout=self.timeouts.connect_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.info("could not unload %s from %s: %s", adapter, replica.target, exc.code().name)
+
+        await asyncio.gather(*(unload(r) for r in self.replica_set.replicas))

@@ -47,8 +47,9 @@ class TrainerClient:
     async def get_job(self, job_id: str) -> trainer_pb2.Job:
         return await self._call("GetJob", trainer_pb2.GetJobRequest(job_id=job_id))
 
-    async def list_jobs(self, limit: int) -> list[trainer_pb2.Job]:
-        response = await self._call("ListJobs", trainer_pb2.ListJobsRequest(limit=limit))
+    async def list_jobs(self, limit: int, label_selector: dict[str, str] | None = None) -> list[trainer_pb2.Job]:
+        request = trainer_pb2.ListJobsRequest(limit=limit, label_selector=label_selector or {})
+        response = await self._call("ListJobs", request)
         return list(response.jobs)
 
     async def cancel_job(self, job_id: str) -> trainer_pb2.Job:

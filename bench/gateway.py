@@ -1,0 +1,313 @@
+"""Gateway overhead: the same streaming load through the gateway and straight to an inference replica.
+
+Starts a paced fake replica (bench/fake_replica.py, its own process) and the real gateway
+(`python -m lorafleet_gateway`, its own process, SQLite, a tenant API key so auth and rate limits
+are on the path), then at each concurrency runs the same number of streamed chat requests
+  * direct:  gRPC Generate on the replica, and
+  * gateway: POST /v1/chat/completions with stream=true (SSE) through the gateway,
+and prints time to first token and total time (p50/p99), what the gateway adds, and the
+throughput ratio gateway/direct.
+
+    python bench/gateway.py                 # full run (about a minute)
+    python bench/gateway.py --quick         # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+@dataclass
+class Run:
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+    errors: int = 0
+
+    def pct(self, attr: str, q: float) -> float:
+        values = sorted(getattr(s, attr) for s in self.samples)
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s if self.wall_s else 0.0
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def load(concurrency: int, requests: int, one: Callable[[], Awaitable[Sample]]) -> Run:
+    """``requests`` calls of ``one``, ``concurrency`` at a time."""
+    run = Run()
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            try:
+                run.samples.append(await one())
+            except Exception as exc:  # counted and shown, never silently dropped
+                run.errors += 1
+                print(f"  request failed: {exc!r}", file=sys.stderr)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    run.wall_s = time.perf_counter() - started
+    return run
+
+
+def direct_call(stub: Any) -> Callable[[], Awaitable[Sample]]:
+    request = inference_pb2.GenerateRequest(
+        chat=inference_pb2.ChatInput(messages=[inference_pb2.ChatMessage(role="user", content="hello")]),
+        sampling=inference_pb2.SamplingParams(),
+    )
+
+    async def one() -> Sample:
+        started = time.perf_counter()
+        first = None
+        tokens = 0
+        async for chunk in stub.Generate(request, timeout=120):
+            if first is None:
+                first = time.perf_counter()
+            tokens += chunk.token_count
+        end = time.perf_counter()
+        return Sample((first or end) - started, end - started, tokens)
+
+    return one
+
+
+def gateway_call(http: httpx.AsyncClient) -> Callable[[], Awaitable[Sample]]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
+
+    async def one() -> Sample:
+        started = time.perf_counter()
+        first = None
+        events = 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code} {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events += 1
+                if events == 2 and first is None:  # event 1 is the role chunk; event 2 the first token
+                    first = time.perf_counter()
+                if line == "data: [DONE]":
+                    break
+        end = time.perf_counter()
+        return Sample((first or end) - started, end - started, max(0, events - 2))  # minus role and [DONE]
+
+    return one
+
+
+def start_replica(tokens: int, delay_ms: float) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "fake_replica.py"), "--tokens", str(tokens), "--token-delay-ms", str(delay_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    if not line or line[0] != "ready":
+        proc.kill()
+        raise SystemExit("the fake replica did not start")
+    return proc, int(line[1])
+
+
+def start_gateway(home: Path, replica_port: int, admin_key: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env.update(
+        LORAFLEET_HOME=str(home),
+        LORAFLEET_ADMIN_KEY=admin_key,
+        LORAFLEET_BASE_MODEL=MODEL,
+        LORAFLEET_LOG_LEVEL="WARNING",
+        LORAFLEET_GATEWAY_PORT=str(port),
+        LORAFLEET_GATEWAY_INFERENCE_TARGETS=f"127.0.0.1:{replica_port}",
+        LORAFLEET_GATEWAY_TRAINER_TARGET="127.0.0.1:9",  # unused here
+    )
+    log = (home / "gateway.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet_gateway"], env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the gateway exited:\n{(home / 'gateway.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the gateway did not become ready")
+
+
+def tenant_key(url: str, admin_key: str) -> str:
+    """A tenant with generous limits, so the benchmark pays for auth and rate limiting like real traffic."""
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    httpx.post(f"{url}/v1/admin/tenants", json={"id": "bench", "name": "Bench"}, headers=admin).raise_for_status()
+    limits = {"rpm_limit": 10**8, "tpm_limit": 10**9}
+    created = httpx.post(f"{url}/v1/admin/tenants/bench/keys", json=limits, headers=admin)
+    created.raise_for_status()
+    return str(created.json()["key"])
+
+
+async def measure(
+    args: argparse.Namespace, replica_port: int, url: str, key: str, gateway_pid: int
+) -> list[dict[str, Any]]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{replica_port}")
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 8, max_keepalive_connections=max(args.concurrency))
+    headers = {"Authorization": f"Bearer {key}"}
+    rows = []
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
+        direct, through = direct_call(stub), gateway_call(http)
+        await load(4, 8, direct)  # warm up both paths (connections, caches)
+        await load(4, 8, through)
+        for concurrency in args.concurrency:
+            count = args.requests or max(args.min_requests, args.rounds * concurrency)
+            direct_run = await load(concurrency, count, direct)
+            cpu_before = cpu_seconds(gateway_pid)
+            gateway_run = await load(concurrency, count, through)
+            cpu_after = cpu_seconds(gateway_pid)
+            rows.append(row(concurrency, count, direct_run, gateway_run))
+            tokens = sum(s.tokens for s in gateway_run.samples)
+            if cpu_before is not None and cpu_after is not None and tokens:
+                rows[-1]["gateway_cpu_us_per_token"] = (cpu_after - cpu_before) / tokens * 1e6
+            print_row(rows[-1])
+    await channel.close()
+    return rows
+
+
+def row(concurrency: int, count: int, direct: Run, gateway: Run) -> dict[str, Any]:
+    ms = 1000.0
+    return {
+        "concurrency": concurrency,
+        "requests": count,
+        "direct_ttft_p50_ms": direct.pct("ttft_s", 0.5) * ms,
+        "direct_ttft_p99_ms": direct.pct("ttft_s", 0.99) * ms,
+        "gateway_ttft_p50_ms": gateway.pct("ttft_s", 0.5) * ms,
+        "gateway_ttft_p99_ms": gateway.pct("ttft_s", 0.99) * ms,
+        "added_ttft_p50_ms": (gateway.pct("ttft_s", 0.5) - direct.pct("ttft_s", 0.5)) * ms,
+        "added_ttft_p99_ms": (gateway.pct("ttft_s", 0.99) - direct.pct("ttft_s", 0.99)) * ms,
+        "added_total_p50_ms": (gateway.pct("total_s", 0.5) - direct.pct("total_s", 0.5)) * ms,
+        "added_total_p99_ms": (gateway.pct("total_s", 0.99) - direct.pct("total_s", 0.99)) * ms,
+        "direct_tokens_per_s": direct.tokens_per_s,
+        "gateway_tokens_per_s": gateway.tokens_per_s,
+        "throughput_ratio": gateway.tokens_per_s / direct.tokens_per_s if direct.tokens_per_s else float("nan"),
+        "errors": direct.errors + gateway.errors,
+    }
+
+
+HEADER = (
+    f"{'streams':>7} {'requests':>8} | {'direct TTFT p50/p99':>19} | {'gateway TTFT p50/p99':>20} | "
+    f"{'added TTFT p50/p99':>18} | {'added total p50/p99':>19} | {'direct tok/s':>12} {'gw tok/s':>9} "
+    f"{'ratio':>6} {'errors':>6} {'gw CPU/token':>12}"
+)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    def pair(a: str, b: str) -> str:
+        return f"{r[a]:.1f} / {r[b]:.1f} ms"
+
+    print(
+        f"{r['concurrency']:>7} {r['requests']:>8} | {pair('direct_ttft_p50_ms', 'direct_ttft_p99_ms'):>19} | "
+        f"{pair('gateway_ttft_p50_ms', 'gateway_ttft_p99_ms'):>20} | "
+        f"{pair('added_ttft_p50_ms', 'added_ttft_p99_ms'):>18} | "
+        f"{pair('added_total_p50_ms', 'added_total_p99_ms'):>19} | "
+        f"{r['direct_tokens_per_s']:>12.0f} {r['gateway_tokens_per_s']:>9.0f} {r['throughput_ratio']:>6.3f} "
+        f"{r['errors']:>6} {cpu_per_token(r):>12}",
+        flush=True,
+    )
+
+
+def cpu_per_token(r: dict[str, Any]) -> str:
+    value = r.get("gateway_cpu_us_per_token")
+    return "n/a" if value is None else f"{value:.0f} us"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per response (default 32)")
+    parser.add_argument("--token-delay-ms", type=float, default=20.0, help="replica pace (default 20 ms/token)")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency ...")
+    parser.add_argument("--min-requests", type=int, default=32, help="... but at least this many (default 32)")
+    parser.add_argument("--requests", type=int, default=0, help="fixed requests per level (overrides the two above)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 tokens at 2 ms, one round per level")
+    parser.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.token_delay_ms, args.rounds, args.min_requests = 4, 2.0, 1, 4
+
+    replica, replica_port = start_replica(args.tokens, args.token_delay_ms)
+    admin_key = "bench-admin-" + secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as home:
+        gateway = None
+        try:
+            gateway, url = start_gateway(Path(home), replica_port, admin_key)
+            key = tenant_key(url, admin_key)
+            print(
+                f"Gateway overhead (fake upstream): {args.tokens} tokens/response at {args.token_delay_ms:g} ms/token; "
+                f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.machine()}"
+            )
+            print(HEADER, flush=True)
+            rows = asyncio.run(measure(args, replica_port, url, key, gateway.pid))
+        finally:
+            for proc in (gateway, replica):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=2))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""bench/gateway.py runs end to end (fake replica + real gateway processes) and prints its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gateway_bench_quick() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gateway.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("streams"))
+    assert "added TTFT p50/p99" in lines[header] and "ratio" in lines[header]
+    rows = [line.split("|")[-1].split() for line in lines[header + 1 :]]
+    assert [line.split()[0] for line in lines[header + 1 :]] == ["1", "16", "64"]
+    for row in rows:  # direct tok/s, gw tok/s, ratio, errors, gateway CPU per token
+        ratio, errors = float(row[2]), int(row[3])
+        assert errors == 0 and 0 < ratio < 2
