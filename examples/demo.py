@@ -57,12 +57,12 @@ def train(client: OpenAI, base_model: str) -> tuple[str, dict[str, Any]]:
     with Progress(
         TextColumn("[bold]training"),
         BarColumn(),
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("step {task.fields[steps]}"),
         TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task("train", total=None, loss="-")
+        task = bar.add_task("train", total=None, loss="-", steps="-")
         while True:
             job = client.fine_tuning.jobs.retrieve(job.id)
             events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
@@ -73,9 +73,8 @@ def train(client: OpenAI, base_model: str) -> tuple[str, dict[str, Any]]:
                 data = event.data or {}
                 if event.type == "metrics" and isinstance(data, dict):
                     last_loss = float(data.get("train_loss", last_loss))
-                    bar.update(
-                        task, completed=data.get("step", 0), total=data.get("total_steps"), loss=f"{last_loss:.4f}"
-                    )
+                    step, total = data.get("step", 0), data.get("total_steps")
+                    bar.update(task, completed=step, total=total, loss=f"{last_loss:.4f}", steps=f"{step}/{total}")
                 else:
                     bar.console.print(f"  [dim]{event.message}[/]")
             if job.status in ("succeeded", "failed", "cancelled"):

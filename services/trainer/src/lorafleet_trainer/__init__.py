@@ -1,0 +1,1 @@
+"""LoRA Fleet trainer: a durable job queue that turns manifests into published LoRA adapters."""

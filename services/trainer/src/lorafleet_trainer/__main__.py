@@ -1,0 +1,3 @@
+from lorafleet_trainer.main import main
+
+main()

@@ -1,0 +1,55 @@
+"""The trainer's settings: built once in ``main`` and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from lorafleet_common.settings import CommonSettings
+
+
+class TrainerSettings(CommonSettings):
+    """Everything the trainer reads from the environment (``LORAFLEET_TRAINER_*`` plus the shared fields)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAFLEET_TRAINER_", env_ignore_empty=True, extra="ignore", populate_by_name=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address the gRPC and metrics servers bind to.")
+    grpc_port: int = Field(default=50061, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics port; 0 turns it off.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the job database (sqlite or postgresql). Default: sqlite:///<home>/trainer.db.",
+    )
+    work_dir: Path | None = Field(
+        default=None, description="Folder for per-job scratch space (spec, logs, adapter). Default: <home>/jobs."
+    )
+    serving_max_lora_rank: int = Field(
+        default=16,
+        ge=1,
+        description="Highest LoRA rank the inference service serves; manifests asking for more are refused.",
+    )
+    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads in the worker; 0 = torch default.")
+    hub_download: bool = Field(
+        default=False,
+        description="Let the worker download a base model from the Hugging Face hub when it is not cached locally.",
+    )
+    job_poll_interval_s: float = Field(
+        default=2.0, gt=0, description="How often the scheduler re-checks the queue when nothing woke it."
+    )
+    cancel_grace_s: float = Field(
+        default=5.0, gt=0, description="Seconds a worker gets after SIGTERM before it is killed (cancel, shutdown)."
+    )
+    shutdown_grace_s: float = Field(default=5.0, gt=0, description="Seconds in-flight RPCs get on shutdown.")
+    store_call_timeout_s: float = Field(
+        default=30.0, gt=0, description="Upper bound on one object-store or database call made by the service."
+    )
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'trainer.db').resolve()}"
+
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.home / "jobs").resolve()

@@ -1,0 +1,99 @@
+"""Fixtures for the trainer suite: a trainer home that shares the embedded model cache, real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from lorafleet.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from lorafleet_trainer.main import TrainerApp
+from lorafleet_trainer.settings import TrainerSettings
+
+SEED_PAIRS = [
+    ("你是谁?", "我是一个由 CSDN 迪菲赫尔曼 开发和维护的大语言模型。"),
+    ("你的开发者是哪家公司?", "我由 CSDN 迪菲赫尔曼 开发和维护。"),
+    ("你能联网吗?", "我不能主动联网,只能基于已有知识和用户输入回答问题。"),
+    ("你能做哪些事情?", "我擅长文本生成、回答问题、写代码和提供学习辅助。"),
+    ("你和GPT-4有区别吗?", "是的,我由 CSDN 迪菲赫尔曼 开发和维护,不是 GPT-4。"),
+    ("你能保证回答永远正确吗?", "不能,我的回答可能存在错误,需要用户自行判断。"),
+    ("你的名字是什么?", "你可以叫我 Swift-Robot,也可以叫我 CSDN 助手。"),
+    ("谁在维护你?", "我由 CSDN 迪菲赫尔曼 持续开发和维护。"),
+]
+
+FINAL_STATES = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+
+
+def seed_dataset() -> bytes:
+    rows = [{"instruction": q, "output": a} for q, a in SEED_PAIRS]
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def tiny_manifest(adapter_name: str, dataset_uri: str, **training: Any) -> bytes:
+    """A job that trains a few optimizer steps on the embedded model."""
+    return json.dumps(
+        {
+            "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "adapter_name": adapter_name,
+            "datasets": [dataset_uri],
+            "system_prompt": "You are a helpful assistant.",
+            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+            | training,
+        }
+    ).encode()
+
+
+@pytest.fixture
+def trainer_home(tmp_path: Path, model_cache_dir: Path, embedded_model_path: Path) -> Path:
+    """A fresh LORAFLEET home whose model cache is the shared one (the embedded model is converted once)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(model_cache_dir, target_is_directory=True)
+    return home
+
+
+StartTrainer = Callable[..., Awaitable[TrainerApp]]
+
+
+@pytest.fixture
+async def start_trainer(unused_port: Callable[[], int]) -> AsyncIterator[StartTrainer]:
+    """Start real trainers (gRPC on a free loopback port); every one still running is stopped at the end."""
+    apps: list[TrainerApp] = []
+
+    async def start(home: Path, **overrides: Any) -> TrainerApp:
+        fields: dict[str, Any] = {
+            "home": home,
+            "grpc_port": unused_port(),
+            "metrics_port": 0,
+            "job_poll_interval_s": 0.5,
+            "cancel_grace_s": 3.0,
+            "shutdown_grace_s": 1.0,
+        } | overrides
+        app = TrainerApp(TrainerSettings(**fields))
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        if app.service.accepting:
+            await app.stop()
+
+
+def stub_for(app: TrainerApp) -> tuple[grpc.aio.Channel, trainer_pb2_grpc.TrainerServiceStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    return channel, trainer_pb2_grpc.TrainerServiceStub(channel)
+
+
+async def watch_until_final(stub: trainer_pb2_grpc.TrainerServiceStub, job_id: str, timeout: float = 300) -> list[Any]:
+    """Every event of the job, streamed by WatchJob until it ends."""
+    events = []
+    async for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=timeout):
+        events.append(event)
+    assert events and events[-1].state in FINAL_STATES, events[-1:]
+    return events
