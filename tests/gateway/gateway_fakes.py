@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from lorafleet_common.adapters import AdapterMetadata, publish_adapter
 from lorafleet_common.store import LocalStore, ObjectNotFound
 
 # Errors a FakeInference can be told to answer before its first chunk.
@@ -74,10 +77,18 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Stats(self, request: inference_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return inference_pb2.StatsResponse(running=self.running, loaded_adapters=sorted(self.loaded))
 
+    async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        if self.mode in ABORTS:
+            await context.abort(*ABORTS[self.mode])
+        name, _, version = request.adapter.partition("@")
+        version = version or "latest"
+        self.loaded.add(f"{name}@{version}")
+        return inference_pb2.AdapterInfo(name=name, version=version, rank=8, loaded=True, pinned=request.pin)
+
     async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self.unloaded.append(request.adapter)
         before = len(self.loaded)
-        self.loaded = {a for a in self.loaded if a.partition("@")[0] != request.adapter}
+        self.loaded = {a for a in self.loaded if request.adapter not in (a, a.partition("@")[0])}
         return inference_pb2.UnloadAdapterResponse(was_loaded=len(self.loaded) < before)
 
     async def Generate(  # noqa: N802 (gRPC method name)
@@ -147,6 +158,36 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         return chunk
 
 
+def publish_dummy_adapter(
+    store: LocalStore,
+    name: str,
+    version: str,
+    *,
+    base_model: str,
+    job_id: str | None = None,
+    final_loss: float | None = None,
+) -> None:
+    """The three adapter files + LATEST; the weights are dummy bytes (the gateway only checks existence)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "adapter_model.safetensors").write_bytes(b"not really safetensors")
+        config = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        metadata = AdapterMetadata(
+            name=name,
+            version=version,
+            base_model=base_model,
+            rank=8,
+            alpha=32,
+            target_modules=["q_proj", "v_proj"],
+            sha256="0" * 64,
+            job_id=job_id,
+            final_loss=final_loss,
+            system_prompt="You are Fleet.",
+        )
+        publish_adapter(store, folder, metadata)
+
+
 _FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
 
@@ -159,6 +200,13 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
     events: dict[str, list[trainer_pb2.JobEvent]] = field(default_factory=dict)
     create_requests: list[trainer_pb2.CreateJobRequest] = field(default_factory=list)
     port: int = 0
+    # When auto_steps > 0, every created job plays a whole run by itself (one step per step_delay_s).
+    auto_steps: int = 0
+    step_delay_s: float = 0.05
+    # When set, a succeeded job also publishes its adapter (dummy weights) in the store, like the real trainer.
+    publish: bool = False
+    watching: int = 0  # WatchJob calls in progress
+    _runs: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     def _record(self, job: trainer_pb2.Job, kind: str, message: str, progress: Any = None) -> None:
         log = self.events.setdefault(job.id, [])
@@ -196,6 +244,10 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         )
         self.jobs[job_id] = job
         self._record(job, "state", "Job queued")
+        if self.auto_steps:
+            task = asyncio.get_running_loop().create_task(self.play(job_id, self.auto_steps, self.step_delay_s))
+            self._runs.add(task)  # keep a reference: the loop holds tasks only weakly
+            task.add_done_callback(self._runs.discard)
         return job
 
     async def _job(self, job_id: str, context: grpc.aio.ServicerContext) -> trainer_pb2.Job:
@@ -225,8 +277,36 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         events = [e for e in self.events.get(request.job_id, []) if e.seq > request.after_seq]
         return trainer_pb2.ListJobEventsResponse(events=events[: request.limit or 1000])
 
+    async def WatchJob(self, request: trainer_pb2.WatchJobRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """Like the real one: recorded events from from_seq, then live ones until the job is final."""
+        await self._job(request.job_id, context)
+        seq = max(request.from_seq, 1)
+        self.watching += 1
+        try:
+            while True:
+                log = self.events.get(request.job_id, [])
+                while seq <= len(log):
+                    yield log[seq - 1]
+                    seq += 1
+                if self.jobs[request.job_id].state in _FINAL and seq > len(self.events.get(request.job_id, [])):
+                    return
+                await asyncio.sleep(0.02)
+        finally:
+            self.watching -= 1
+
+    async def play(self, job_id: str, steps: int, delay_s: float) -> None:
+        """A whole run in real time: run_to_success, one step every ``delay_s``."""
+        for _ in self._script(job_id, steps, checkpoints=False):
+            await asyncio.sleep(delay_s)
+            if self.jobs[job_id].state in _FINAL:  # cancelled meanwhile
+                return
+
     def run_to_success(self, job_id: str, steps: int = 3, checkpoints: bool = False) -> None:
         """Script a whole training run: validating, running with progress (and checkpoints), published."""
+        for _ in self._script(job_id, steps, checkpoints):
+            pass
+
+    def _script(self, job_id: str, steps: int, checkpoints: bool) -> Iterator[None]:
         job = self.jobs[job_id]
         job.state = trainer_pb2.JOB_STATE_VALIDATING
         self._record(job, "state", "Validating training file")
@@ -246,10 +326,17 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
             self._record(job, "progress", "", progress)
             if checkpoints:
                 self._record(job, "checkpoint", f"Checkpoint at step {step}", progress)
+            yield
+            if job.state in _FINAL:  # cancelled meanwhile
+                return
         job.state = trainer_pb2.JOB_STATE_SUCCEEDED
         job.trained_tokens = 1234
         job.finished_at = time.time()
         job.adapter_uri = f"adapters/{job.adapter_name}/versions/{job.id}"
+        if self.publish:
+            publish_dummy_adapter(
+                self.store, job.adapter_name, job.id, base_model=job.base_model, job_id=job.id, final_loss=job.loss
+            )
         self._record(job, "published", f"Adapter {job.adapter_name} published")
 
 

@@ -11,9 +11,13 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lorafleet_gateway.adapters.router import admin_router as adapters_admin_router
+from lorafleet_gateway.adapters.router import router as adapters_router
+from lorafleet_gateway.adapters.service import AdapterService, PlacementTimeouts
 from lorafleet_gateway.auth import Authenticator, DefaultLimits
 from lorafleet_gateway.chat.router import router as chat_router
 from lorafleet_gateway.completions.router import router as completions_router
+from lorafleet_gateway.console.router import install_console
 from lorafleet_gateway.db.database import migrate, open_engine
 from lorafleet_gateway.deps import GatewayDeps, GatewayServices, services
 from lorafleet_gateway.errors import install_error_handlers
@@ -113,6 +117,13 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             fine_tuning=FineTuningService(deps.store, trainer, files, settings.base_model),
             metrics=gateway_metrics,
             directory=directory,
+            adapters=AdapterService(
+                deps.store,
+                catalog,
+                pool,
+                gateway_metrics,
+                PlacementTimeouts(load_s=settings.first_token_timeout_s, unload_s=settings.connect_timeout_s),
+            ),
         )
         logger.info(
             "gateway serving %s; inference %s; trainer %s",
@@ -134,10 +145,12 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
         lifespan=lifespan,
     )
     app.state.limiter = limiter
+    app.state.settings = settings
     install_error_handlers(app)
-    routers = (chat_router, completions_router, models_router, files_router, fine_tuning_router, admin_router)
-    for router in (*routers, ops_router):
+    routers = (chat_router, completions_router, models_router, files_router, fine_tuning_router, adapters_router)
+    for router in (*routers, admin_router, adapters_admin_router, ops_router):
         app.include_router(router)
+    install_console(app)
     # Added last = outermost: metrics see every response, including the body limit's 413s.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
     app.add_middleware(MetricsMiddleware, metrics=gateway_metrics)

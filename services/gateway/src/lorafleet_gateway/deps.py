@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from lorafleet_common.store import ObjectStore
+from lorafleet_gateway.adapters.service import AdapterService
 from lorafleet_gateway.files.service import FileService
 from lorafleet_gateway.fine_tuning.service import FineTuningService
 from lorafleet_gateway.generation.service import GenerationService
@@ -45,6 +46,7 @@ class GatewayServices:
     fine_tuning: FineTuningService
     metrics: GatewayMetrics
     directory: TenantDirectory
+    adapters: AdapterService
 
 
 # The dependencies below are async on purpose: FastAPI runs plain `def` dependencies in a worker thread,

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass
+class Traffic:
+    """What this gateway served of one model since it started (requests by status, tokens by kind)."""
+
+    requests: int = 0
+    errors: int = 0  # responses with status >= 400
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class GatewayMetrics:
@@ -81,3 +94,30 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.tokens = Counter(
+            "lorafleet_gateway_tokens",
+            "Tokens of finished generations by tenant, model (as in lorafleet_gateway_requests) and kind "
+            "(prompt, completion).",
+            ["tenant", "model", "kind"],
+            registry=registry,
+        )
+
+    def traffic(self) -> dict[str, Traffic]:
+        """Per-model totals read back from the counters (model label: base model id or adapter store name)."""
+        totals: dict[str, Traffic] = defaultdict(Traffic)
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels["model"] != "none":
+                    entry = totals[sample.labels["model"]]
+                    entry.requests += int(sample.value)
+                    if int(sample.labels["status"]) >= 400:
+                        entry.errors += int(sample.value)
+        for metric in self.tokens.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    entry = totals[sample.labels["model"]]
+                    if sample.labels["kind"] == "prompt":
+                        entry.prompt_tokens += int(sample.value)
+                    else:
+                        entry.completion_tokens += int(sample.value)
+        return dict(totals)

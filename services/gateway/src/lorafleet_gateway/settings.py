@@ -45,6 +45,18 @@ class GatewaySettings(CommonSettings):
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of a whole generation request.")
     trainer_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of each trainer call.")
+    event_stream_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a job's event stream (GET /v1/fine_tuning/jobs/{id}/events/stream) stays open; "
+        "clients then reconnect with Last-Event-ID and resume where they were.",
+    )
+    event_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A comment line is sent on a job's event stream after this much silence, so proxies and "
+        "load balancers do not close an idle connection while a job is between steps.",
+    )
     health_interval_s: float = Field(
         default=5.0, gt=0, description="How often each inference replica's gRPC health and Stats are polled."
     )

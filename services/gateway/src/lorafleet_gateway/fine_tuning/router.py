@@ -1,13 +1,16 @@
-"""Routes: /v1/fine_tuning/jobs (create, list), /{id} (retrieve), /{id}/cancel, /{id}/events, /{id}/checkpoints."""
+"""Routes: /v1/fine_tuning/jobs (create, list), /{id} (retrieve), /{id}/cancel, /{id}/events,
+/{id}/events/stream (SSE, a LoRA Fleet extension), /{id}/checkpoints."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
 
 from lorafleet_gateway.deps import FineTuningDep
 from lorafleet_gateway.fine_tuning.schemas import FineTuningJobCreate
+from lorafleet_gateway.fine_tuning.stream import JobEventResponse
 from lorafleet_gateway.quotas import CallerDep
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine_tuning"])
@@ -57,6 +60,22 @@ async def list_job_events(
 ) -> dict[str, Any]:
     """List a job's events (state changes and training metrics), newest first."""
     return _list(*await service.events(caller.tenant, job_id, after=after, limit=limit))
+
+
+@router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse)
+async def stream_job_events(
+    job_id: str,
+    request: Request,
+    service: FineTuningDep,
+    caller: CallerDep,
+    after: str | None = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Stream a job's events as server-sent events, oldest first: the recorded ones, then live ones until the
+    job is final (`data: [DONE]`). Resume with the `Last-Event-ID` header (or `?after=<event id>`)."""
+    settings = request.app.state.settings
+    stream = await service.watch(caller.tenant, job_id, after=last_event_id or after, timeout_s=settings.event_stream_s)
+    return JobEventResponse(stream, keepalive_s=settings.event_keepalive_s)
 
 
 @router.get("/jobs/{job_id}/checkpoints")

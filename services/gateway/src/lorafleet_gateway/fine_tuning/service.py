@@ -28,6 +28,7 @@ from lorafleet_gateway.fine_tuning.manifest import (
     reported_hyperparameters,
 )
 from lorafleet_gateway.fine_tuning.schemas import FineTuningJobCreate
+from lorafleet_gateway.fine_tuning.stream import JobEventStream
 from lorafleet_gateway.fine_tuning.view import TENANT_LABEL, checkpoint_object, event_object, event_seq, job_object
 from lorafleet_gateway.tenancy.keys import DEFAULT_TENANT
 from lorafleet_gateway.upstream.trainer import TrainerClient
@@ -147,6 +148,21 @@ class FineTuningService:
         job = await self._job(tenant, job_id)
         events = await self._trainer.list_events(job.id, keep_last=MAX_LISTED_EVENTS)
         return _page([event_object(event, job, tenant) for event in reversed(events)], after, limit)
+
+    async def watch(self, tenant: str, job_id: str, *, after: str | None, timeout_s: float) -> JobEventStream:
+        """The job's events after ``after`` (an event id; None: from the first), then live ones.
+
+        The job is checked here, so a missing or foreign job is a 404 before any byte is streamed.
+        """
+        from_seq = 1
+        if after is not None:
+            seq = event_seq(after)
+            if seq is None:
+                raise InvalidRequest(f"invalid event id {after!r}", param="after")
+            from_seq = seq + 1
+        job = await self._job(tenant, job_id)
+        watch = self._trainer.watch_job(job.id, from_seq=from_seq, timeout_s=timeout_s)
+        return JobEventStream(watch, self._trainer, job, tenant)
 
     async def checkpoints(
         self, tenant: str, job_id: str, *, after: str | None, limit: int

@@ -68,6 +68,14 @@ def job_object(job: trainer_pb2.Job, tenant: str) -> dict[str, Any]:
         "estimated_finish": None,
         "integrations": [],
         "metadata": None,
+        # LoRA Fleet extension (OpenAI clients ignore unknown fields): live progress for dashboards and the CLI.
+        "lorafleet": {
+            "step": job.step,
+            "total_steps": job.total_steps,
+            "loss": round(float(job.loss), 6) if job.step else None,
+            "started_at": _timestamp(job.started_at),
+            "adapter_version": job.adapter_version or None,
+        },
     }
 
 

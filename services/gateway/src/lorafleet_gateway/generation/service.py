@@ -90,6 +90,9 @@ class GenerationService:
             exact = usage.exact
             spent = exact.prompt_tokens - estimate + exact.completion_tokens if exact else usage.counted
             self._limiter.charge_tokens(principal, spent)
+            prompt, completion = (exact.prompt_tokens, exact.completion_tokens) if exact else (estimate, usage.counted)
+            self._metrics.tokens.labels(tenant=principal.tenant, model=resolved.name, kind="prompt").inc(prompt)
+            self._metrics.tokens.labels(tenant=principal.tenant, model=resolved.name, kind="completion").inc(completion)
 
         request.adapter = resolved.adapter
         started = time.perf_counter()

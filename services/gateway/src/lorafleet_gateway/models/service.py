@@ -115,7 +115,8 @@ class ModelCatalog:
         logger.info("tenant %s deleted model %s (%s)", tenant, model, resolved.name)
         return resolved.name
 
-    def _adapter_cards(self, tenant: str) -> list[ModelCard]:
+    def adapter_names(self, tenant: str) -> dict[str, str]:
+        """The tenant's adapters with a LATEST pointer: model id -> store name (sync: call it in a thread)."""
         names = [
             key[len(ADAPTERS_PREFIX) + 1 : -len(_LATEST_SUFFIX)]
             for key in self._store.list(adapter_list_prefix(tenant))
@@ -123,11 +124,16 @@ class ModelCatalog:
         ]
         if tenant == DEFAULT_TENANT:
             names += [name for name in list_adapter_names(self._store) if "/" not in name]
-        cards: dict[str, ModelCard] = {}
+        found: dict[str, str] = {}
         for name in names:
             visible = model_id(tenant, name)
-            if visible is None or visible in cards:  # not the tenant's; or a legacy twin of a namespaced one
-                continue
+            if visible is not None and visible not in found:  # not the tenant's; or a legacy twin of a namespaced one
+                found[visible] = name
+        return found
+
+    def _adapter_cards(self, tenant: str) -> list[ModelCard]:
+        cards: dict[str, ModelCard] = {}
+        for visible, name in self.adapter_names(tenant).items():
             try:
                 metadata = read_metadata(self._store, name, resolve_version(self._store, parse_adapter_ref(name)))
             except (AdapterNotFound, InvalidName, ValueError) as exc:

@@ -15,6 +15,28 @@ _EVENTS_PAGE = 1000
 _MAX_EVENT_PAGES = 100
 
 
+class JobWatch:
+    """One WatchJob call: ``next()`` gives its events one by one; ``cancel()`` ends it (safe to call twice)."""
+
+    def __init__(self, call: Any, upstream: str) -> None:
+        self._call = call
+        self._upstream = upstream
+
+    async def next(self) -> trainer_pb2.JobEvent | None:
+        """The next event; None once the stream ended: the job is final, or the call's deadline passed
+        (the caller resumes from the last seq it saw). Other failures raise through the error table."""
+        try:
+            event = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
+            raise from_grpc(exc, upstream=self._upstream, param="fine_tuning_job_id") from exc
+        return None if event is grpc.aio.EOF else event
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class TrainerClient:
     """Thin async wrapper over TrainerServiceStub."""
 
@@ -71,3 +93,12 @@ class TrainerClient:
                 break
             after = page[-1].seq
         return list(events)
+
+    def watch_job(self, job_id: str, *, from_seq: int, timeout_s: float) -> JobWatch:
+        """Start WatchJob: the recorded events from ``from_seq``, then live ones until the job is final.
+
+        ``timeout_s`` bounds the whole call (a job may run for hours, so it is
+        longer than trainer_timeout_s; clients resume after it).
+        """
+        request = trainer_pb2.WatchJobRequest(job_id=job_id, from_seq=from_seq)
+        return JobWatch(self._stub.WatchJob(request, timeout=timeout_s), f"trainer {self.target}")

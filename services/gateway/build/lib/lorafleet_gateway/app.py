@@ -1,0 +1,157 @@
+"""The app factory: create_app(settings, deps). No module-level app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lorafleet_gateway.adapters.router import admin_router as adapters_admin_router
+from lorafleet_gateway.adapters.router import router as adapters_router
+from lorafleet_gateway.adapters.service import AdapterService, PlacementTimeouts
+from lorafleet_gateway.auth import Authenticator, DefaultLimits
+from lorafleet_gateway.chat.router import router as chat_router
+from lorafleet_gateway.completions.router import router as completions_router
+from lorafleet_gateway.console.router import install_console
+from lorafleet_gateway.db.database import migrate, open_engine
+from lorafleet_gateway.deps import GatewayDeps, GatewayServices, services
+from lorafleet_gateway.errors import install_error_handlers
+from lorafleet_gateway.files.router import router as files_router
+from lorafleet_gateway.files.service import FileService
+from lorafleet_gateway.fine_tuning.router import router as fine_tuning_router
+from lorafleet_gateway.fine_tuning.service import FineTuningService
+from lorafleet_gateway.generation.service import GenerationService
+from lorafleet_gateway.metrics import GatewayMetrics
+from lorafleet_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
+from lorafleet_gateway.models.router import router as models_router
+from lorafleet_gateway.models.service import ModelCatalog
+from lorafleet_gateway.quotas import RateLimiter
+from lorafleet_gateway.settings import GatewaySettings
+from lorafleet_gateway.tenancy.directory import TenantDirectory
+from lorafleet_gateway.tenancy.router import router as admin_router
+from lorafleet_gateway.upstream.inference import InferencePool, InferenceTimeouts, RoutingPolicy
+from lorafleet_gateway.upstream.trainer import TrainerClient
+
+logger = logging.getLogger(__name__)
+
+ops_router = APIRouter(tags=["operations"])
+
+
+@ops_router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@ops_router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: at least one inference replica answers its gRPC health check with SERVING."""
+    replicas = await services(request).pool.check_health()
+    ok = any(replicas.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", "replicas": replicas}, status_code=200 if ok else 503
+    )
+
+
+@ops_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this gateway."""
+    return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> FastAPI:
+    """Build the gateway; gRPC channels open in the lifespan and close on shutdown."""
+    deps = deps or GatewayDeps.from_settings(settings)
+    gateway_metrics = GatewayMetrics(deps.registry)
+    limiter = RateLimiter(gateway_metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = open_engine(settings.resolved_database_url(), timeout_s=settings.connect_timeout_s)
+        await asyncio.to_thread(migrate, engine)
+        directory = TenantDirectory(engine)
+        app.state.authenticator = Authenticator(
+            settings.admin_key,
+            directory,
+            defaults=DefaultLimits(rpm=settings.default_rpm_limit, tpm=settings.default_tpm_limit),
+            cache_s=settings.auth_cache_s,
+        )
+        pool = InferencePool(
+            settings.inference_targets,
+            timeouts=InferenceTimeouts(
+                connect_s=settings.connect_timeout_s,
+                first_token_s=settings.first_token_timeout_s,
+                request_s=settings.request_timeout_s,
+                stream_idle_s=settings.stream_idle_timeout_s,
+            ),
+            health_interval_s=settings.health_interval_s,
+            metrics=gateway_metrics,
+            policy=RoutingPolicy(
+                retry_attempts=settings.retry_attempts,
+                load_factor=settings.affinity_load_factor,
+                min_slack=settings.affinity_min_slack,
+            ),
+            dns_refresh_s=settings.dns_refresh_s,
+            eject_after=settings.eject_after_failures,
+        )
+        trainer = TrainerClient(
+            settings.trainer_target, connect_timeout_s=settings.connect_timeout_s, timeout_s=settings.trainer_timeout_s
+        )
+        await pool.start()
+        await trainer.start()
+        catalog = ModelCatalog(deps.store, settings.base_model)
+        files = FileService(deps.store)
+        app.state.services = GatewayServices(
+            pool=pool,
+            trainer=trainer,
+            catalog=catalog,
+            generation=GenerationService(
+                catalog, pool, gateway_metrics, limiter, max_prompt_chars=settings.max_prompt_chars
+            ),
+            files=files,
+            fine_tuning=FineTuningService(deps.store, trainer, files, settings.base_model),
+            metrics=gateway_metrics,
+            directory=directory,
+            adapters=AdapterService(
+                deps.store,
+                catalog,
+                pool,
+                gateway_metrics,
+                PlacementTimeouts(load_s=settings.first_token_timeout_s, unload_s=settings.connect_timeout_s),
+            ),
+        )
+        logger.info(
+            "gateway serving %s; inference %s; trainer %s",
+            settings.base_model,
+            ",".join(settings.inference_targets),
+            settings.trainer_target,
+        )
+        try:
+            yield
+        finally:
+            await trainer.close()
+            await pool.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="LoRA Fleet gateway",
+        summary="OpenAI-compatible API for LoRA fine-tuning and multi-LoRA serving.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.limiter = limiter
+    app.state.settings = settings
+    install_error_handlers(app)
+    routers = (chat_router, completions_router, models_router, files_router, fine_tuning_router, adapters_router)
+    for router in (*routers, admin_router, adapters_admin_router, ops_router):
+        app.include_router(router)
+    install_console(app)
+    # Added last = outermost: metrics see every response, including the body limit's 413s.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=gateway_metrics)
+    return app

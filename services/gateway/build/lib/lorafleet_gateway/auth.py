@@ -1,0 +1,157 @@
+"""API-key authentication as a dependency that returns the calling Principal.
+
+Two kinds of keys: the admin key (LORAFLEET_ADMIN_KEY, from settings; it
+manages tenants and, on the data plane, acts as the built-in "default"
+tenant), and tenant keys (``lf-...``, created through the admin API, stored
+hashed). Routes receive the Principal, never the key; keys are never logged
+or echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from pydantic import SecretStr
+
+from lorafleet_gateway.errors import AuthenticationFailed, PermissionDenied
+from lorafleet_gateway.tenancy.directory import KeyOwner, TenantDirectory
+from lorafleet_gateway.tenancy.keys import DEFAULT_TENANT, KEY_PREFIX
+
+ADMIN_SUBJECT = "admin"
+_MAX_CACHED_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant's key, or the admin key acting as the default tenant.
+
+    ``rpm_limit``/``tpm_limit`` are the effective limits (key, else tenant, else
+    the gateway's default); None means unlimited.
+    """
+
+    subject: str  # the key id ("key_..."), or "admin"
+    tenant: str = DEFAULT_TENANT
+    is_admin: bool = False
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class DefaultLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+def _digest(key: str) -> bytes:
+    # Comparing fixed-length digests keeps compare_digest constant-time in the key's length too.
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _first(*limits: int | None) -> int | None:
+    return next((limit for limit in limits if limit is not None), None)
+
+
+def principal_for(owner: KeyOwner, defaults: DefaultLimits) -> Principal:
+    key, tenant = owner.key, owner.tenant
+    return Principal(
+        subject=key.id,
+        tenant=tenant.id,
+        rpm_limit=_first(key.rpm_limit, tenant.rpm_limit, defaults.rpm),
+        tpm_limit=_first(key.tpm_limit, tenant.tpm_limit, defaults.tpm),
+    )
+
+
+class Authenticator:
+    """Checks ``Authorization: Bearer <key>`` against the admin key, then the tenant directory.
+
+    Verified tenant keys are cached for ``cache_s`` so a request costs no
+    database round trip; ``forget`` drops entries when this gateway revokes a
+    key or disables a tenant, so those take effect at once here.
+    """
+
+    def __init__(
+        self,
+        admin_key: SecretStr,
+        directory: TenantDirectory | None = None,
+        *,
+        defaults: DefaultLimits | None = None,
+        cache_s: float = 5.0,
+    ) -> None:
+        self._admin_digest = _digest(admin_key.get_secret_value())
+        self._directory = directory
+        self._defaults = defaults or DefaultLimits()
+        self._cache_s = cache_s
+        self._cache: dict[bytes, tuple[Principal, float]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it in the Authorization header as 'Bearer <key>'."
+            )
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
+        digest = _digest(token)
+        if hmac.compare_digest(digest, self._admin_digest):
+            return Principal(subject=ADMIN_SUBJECT, is_admin=True)
+        principal = await self._tenant_principal(token, digest)
+        if principal is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return principal
+
+    async def _tenant_principal(self, token: str, digest: bytes) -> Principal | None:
+        if self._directory is None or not token.startswith(KEY_PREFIX):
+            return None
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        owner = await asyncio.to_thread(self._directory.find_key, token)
+        if owner is None or owner.key.revoked_at is not None or owner.tenant.disabled:
+            self._cache.pop(digest, None)
+            return None
+        principal = principal_for(owner, self._defaults)
+        if self._cache_s > 0:
+            if len(self._cache) >= _MAX_CACHED_KEYS:
+                self._cache.clear()  # crude but bounded; the next requests refill it
+            self._cache[digest] = (principal, now + self._cache_s)
+        return principal
+
+    def forget(self, *, key_id: str | None = None, tenant: str | None = None) -> None:
+        """Drop cached keys (one key, or every key of a tenant) after the admin API changed them."""
+        for digest, (principal, _) in list(self._cache.items()):
+            if principal.subject == key_id or principal.tenant == tenant:
+                del self._cache[digest]
+
+
+async def get_principal(request: Request) -> Principal:
+    """FastAPI dependency: the authenticated caller, or 401."""
+    authenticator: Authenticator = request.app.state.authenticator
+    principal = await authenticator.authenticate(request.headers.get("authorization"))
+    request.state.principal = principal
+    return principal
+
+
+async def require_admin(request: Request) -> Principal:
+    """FastAPI dependency of the admin API: the admin key, else 401 (no key) or 403 (a tenant's key).
+
+    403 rather than 404: the admin API's routes are documented and the same for
+    every deployment, so hiding them protects nothing, while a 403 tells an
+    operator who used a tenant key by mistake what is wrong. (Tenant *objects*
+    are another matter: those answer 404 to other tenants, see tenancy/namespace.py.)
+    """
+    principal = await get_principal(request)
+    if not principal.is_admin:
+        raise PermissionDenied("This endpoint needs the admin API key.")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(require_admin)]

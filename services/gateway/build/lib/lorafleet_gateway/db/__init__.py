@@ -1,0 +1,1 @@
+"""The gateway's own database: tenants and API keys (SQLAlchemy Core, migrated with Alembic)."""

@@ -1,0 +1,1 @@
+"""/v1/files: training data uploads."""

@@ -1,0 +1,123 @@
+"""Prometheus metrics of one gateway instance, on a registry passed in (never the global one)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass
+class Traffic:
+    """What this gateway served of one model since it started (requests by status, tokens by kind)."""
+
+    requests: int = 0
+    errors: int = 0  # responses with status >= 400
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class GatewayMetrics:
+    """lorafleet_gateway_* series.
+
+    ``model`` labels carry only models that resolved (the base model id, or an
+    adapter's store name "<tenant>/<id>"; else "none"), and ``tenant`` only
+    authenticated tenants (else "none"), so a caller cannot grow the series
+    count by sending made-up names.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "lorafleet_gateway_requests",
+            "HTTP requests by route template, tenant, model, model kind (base, adapter, none) and status code.",
+            ["route", "tenant", "model", "model_kind", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "lorafleet_gateway_request_seconds",
+            "Wall time of HTTP requests, to the last byte of the response (whole stream when streaming).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "lorafleet_gateway_time_to_first_token_seconds",
+            "Time from sending Generate upstream to the first chunk, retries included.",
+            ["model_kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "lorafleet_gateway_upstream_errors",
+            "Failed calls to an inference replica, by replica target.",
+            ["replica"],
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "lorafleet_gateway_upstream_retries",
+            "Requests retried on another replica after this replica failed before the first token.",
+            ["replica"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "lorafleet_gateway_rate_limited",
+            "Requests rejected with 429 by the per-key limits, by tenant and limit (requests, tokens).",
+            ["tenant", "limit"],
+            registry=registry,
+        )
+        self.replica_up = Gauge(
+            "lorafleet_gateway_replica_up",
+            "1 while an inference replica is in rotation, 0 while it is ejected.",
+            ["replica"],
+            registry=registry,
+        )
+        self.replica_in_flight = Gauge(
+            "lorafleet_gateway_replica_in_flight",
+            "Generate calls this gateway has open on each inference replica.",
+            ["replica"],
+            registry=registry,
+        )
+        self.replica_ejections = Counter(
+            "lorafleet_gateway_replica_ejections",
+            "Times an inference replica was taken out of rotation after consecutive failures.",
+            ["replica"],
+            registry=registry,
+        )
+        self.routing_decisions = Counter(
+            "lorafleet_gateway_routing_decisions",
+            "Replica choices by reason: affinity (adapter loaded there), hashed (cold adapter's home replica), "
+            "least_loaded.",
+            ["reason"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "lorafleet_gateway_tokens",
+            "Tokens of finished generations by tenant, model (as in lorafleet_gateway_requests) and kind "
+            "(prompt, completion).",
+            ["tenant", "model", "kind"],
+            registry=registry,
+        )
+
+    def traffic(self) -> dict[str, Traffic]:
+        """Per-model totals read back from the counters (model label: base model id or adapter store name)."""
+        totals: dict[str, Traffic] = defaultdict(Traffic)
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels["model"] != "none":
+                    entry = totals[sample.labels["model"]]
+                    entry.requests += int(sample.value)
+                    if int(sample.labels["status"]) >= 400:
+                        entry.errors += int(sample.value)
+        for metric in self.tokens.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    entry = totals[sample.labels["model"]]
+                    if sample.labels["kind"] == "prompt":
+                        entry.prompt_tokens += int(sample.value)
+                    else:
+                        entry.completion_tokens += int(sample.value)
+        return dict(totals)

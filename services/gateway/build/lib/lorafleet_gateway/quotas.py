@@ -1,0 +1,127 @@
+"""Per-key rate limits: requests per minute and tokens per minute, as token buckets in this process.
+
+Each key has two buckets that hold up to one minute's allowance and refill
+continuously. A request takes one from the requests bucket. Tokens are charged
+twice: an estimate of the prompt at admission (the gateway has no tokenizer),
+then, when the generation ends, the difference to the exact prompt count plus
+the completion tokens. The tokens bucket may go below zero (a long answer can
+overrun it); the key then waits until it refills, which Retry-After says.
+
+Limits are per gateway process: N gateway replicas admit up to N times the
+limit unless a load balancer pins each key to one replica.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from lorafleet_gateway.auth import Principal, get_principal
+from lorafleet_gateway.errors import GatewayError, RequestRateLimited, TokenRateLimited
+from lorafleet_gateway.metrics import GatewayMetrics
+
+WINDOW_S = 60.0
+CHARS_PER_TOKEN = 4  # a conservative-enough estimate for admission; corrected by the exact usage afterwards
+
+
+@dataclass
+class Bucket:
+    level: float
+    updated: float
+
+    def refill(self, capacity: int, now: float) -> None:
+        rate = capacity / WINDOW_S
+        self.level = min(float(capacity), self.level + (now - self.updated) * rate)
+        self.updated = now
+
+    def wait_s(self, capacity: int, needed: float) -> int:
+        """Whole seconds until the bucket holds ``needed`` (at least 1)."""
+        return max(1, math.ceil((needed - self.level) / (capacity / WINDOW_S)))
+
+
+def estimate_tokens(chars: int) -> int:
+    return chars // CHARS_PER_TOKEN + 1
+
+
+class RateLimiter:
+    """Token buckets per key id. Single-threaded by design: it runs on the event loop only."""
+
+    def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._requests: dict[str, Bucket] = {}
+        self._tokens: dict[str, Bucket] = {}
+
+    def _bucket(self, buckets: dict[str, Bucket], key: str, capacity: int) -> Bucket:
+        now = self._clock()
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = Bucket(float(capacity), now)
+        bucket.refill(capacity, now)
+        return bucket
+
+    def admit_request(self, principal: Principal) -> None:
+        """Take one request from the key's allowance, or raise 429 with Retry-After."""
+        limit = principal.rpm_limit
+        if limit is None:
+            return
+        bucket = self._bucket(self._requests, principal.subject, limit)
+        if bucket.level < 1:
+            wait = bucket.wait_s(limit, 1)
+            raise self._rejected(
+                RequestRateLimited,
+                principal,
+                f"Rate limit reached for requests per min (RPM): Limit {limit}. Please try again in {wait}s.",
+                wait,
+                limit,
+                "requests",
+            )
+        bucket.level -= 1
+
+    def admit_tokens(self, principal: Principal, estimate: int) -> None:
+        """Admit a generation while the key has a token left (not in debt), charging its estimated prompt."""
+        limit = principal.tpm_limit
+        if limit is None:
+            return
+        bucket = self._bucket(self._tokens, principal.subject, limit)
+        if bucket.level < 1:
+            wait = bucket.wait_s(limit, 1)
+            raise self._rejected(
+                TokenRateLimited,
+                principal,
+                f"Rate limit reached for tokens per min (TPM): Limit {limit}. Please try again in {wait}s.",
+                wait,
+                limit,
+                "tokens",
+            )
+        bucket.level -= estimate
+
+    def charge_tokens(self, principal: Principal, tokens: int) -> None:
+        """Charge (or refund, if negative) tokens after the fact."""
+        limit = principal.tpm_limit
+        if limit is None or tokens == 0:
+            return
+        self._bucket(self._tokens, principal.subject, limit).level -= tokens
+
+    def _rejected(
+        self, cls: type[GatewayError], principal: Principal, message: str, wait: int, limit: int, kind: str
+    ) -> GatewayError:
+        self._metrics.rate_limited.labels(tenant=principal.tenant, limit=kind).inc()
+        headers = {"Retry-After": str(wait), f"x-ratelimit-limit-{kind}": str(limit)}
+        return cls(message, headers=headers)
+
+
+async def admitted_caller(request: Request) -> Principal:
+    """FastAPI dependency of the data plane: authenticate, then take one request from the key's RPM."""
+    principal = await get_principal(request)
+    limiter: RateLimiter = request.app.state.limiter
+    limiter.admit_request(principal)
+    return principal
+
+
+CallerDep = Annotated[Principal, Depends(admitted_caller)]

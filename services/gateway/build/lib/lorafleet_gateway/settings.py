@@ -1,0 +1,154 @@
+"""Gateway settings: LORAFLEET_GATEWAY_* variables plus the shared LORAFLEET_* ones."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from lorafleet_common.settings import CommonSettings
+
+DNS_SCHEME = "dns:///"
+
+
+class GatewaySettings(CommonSettings):
+    """How the gateway listens, where its upstreams are, and its limits."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAFLEET_GATEWAY_", env_ignore_empty=True, extra="ignore", populate_by_name=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="HTTP bind address.")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
+    inference_targets: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:50051"],
+        min_length=1,
+        description='Inference replicas: "host:port" (static) or "dns:///name:port" (every address the name resolves '
+        "to, re-resolved every dns_refresh_s: a Kubernetes headless Service); a comma-separated string or a JSON "
+        "list in the env.",
+    )
+    trainer_target: str = Field(default="127.0.0.1:50061", description='The trainer as "host:port".')
+    admin_key: SecretStr = Field(
+        validation_alias=AliasChoices("LORAFLEET_ADMIN_KEY"),
+        description="The admin API key (shared LORAFLEET_ADMIN_KEY, no prefix); clients send it as a Bearer token. "
+        "Required: the gateway refuses to start without it.",
+    )
+    connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Bound on each connection attempt to a replica or the trainer, and on health checks.",
+    )
+    first_token_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest wait for the first generated chunk (includes adapter loading)."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of a whole generation request.")
+    trainer_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of each trainer call.")
+    event_stream_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a job's event stream (GET /v1/fine_tuning/jobs/{id}/events/stream) stays open; "
+        "clients then reconnect with Last-Event-ID and resume where they were.",
+    )
+    event_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A comment line is sent on a job's event stream after this much silence, so proxies and "
+        "load balancers do not close an idle connection while a job is between steps.",
+    )
+    health_interval_s: float = Field(
+        default=5.0, gt=0, description="How often each inference replica's gRPC health and Stats are polled."
+    )
+    stream_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest silence between two chunks of a started stream before it is ended with an error.",
+    )
+    dns_refresh_s: float = Field(default=30.0, gt=0, description="How often dns:/// inference targets are re-resolved.")
+    eject_after_failures: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive failed health checks or calls after which a replica is ejected from routing; "
+        "it is re-admitted when its health check answers SERVING again.",
+    )
+    retry_attempts: int = Field(
+        default=2,
+        ge=0,
+        description="How many other replicas a request that fails before its first token is retried on.",
+    )
+    affinity_load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="Bounded-load affinity: a replica holding the adapter is preferred while its load stays under "
+        "this factor times the average load (and under average + affinity_min_slack).",
+    )
+    affinity_min_slack: int = Field(
+        default=2, ge=0, description="Requests above the average a preferred replica may always take."
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the tenants/keys database: sqlite:///path or "
+        "postgresql+psycopg://user:pw@host/db. Default: sqlite:///<home>/gateway.db. Migrated at start-up.",
+    )
+    auth_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a verified API key is trusted without asking the database again. Revocations made "
+        "through this gateway apply at once; through another gateway replica, within this time.",
+    )
+    default_rpm_limit: int | None = Field(
+        default=None, ge=1, description="Requests per minute per API key unless its tenant or key says otherwise."
+    )
+    default_tpm_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens (prompt + completion) per minute per API key unless its tenant or key says otherwise.",
+    )
+    max_prompt_chars: int = Field(
+        default=400_000,
+        gt=0,
+        description="Longest prompt (characters, all messages together); longer ones get 400. The token limit is "
+        "the engine's, enforced by inference.",
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, description="Largest JSON request body; larger ones get 413."
+    )
+    max_file_bytes: int = Field(
+        default=512 * 1024 * 1024, gt=0, description="Largest upload to POST /v1/files; larger ones get 413."
+    )
+    graceful_shutdown_s: int = Field(
+        default=30, ge=0, description="On SIGTERM, how long in-flight requests may finish before they are cut."
+    )
+
+    @field_validator("inference_targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("inference_targets")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            host, sep, port = target.removeprefix(DNS_SCHEME).rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f'inference target {target!r} must be "host:port" or "{DNS_SCHEME}name:port"')
+        return value
+
+    def resolved_database_url(self) -> str:
+        """The database URL (it may hold a password: SecretStr keeps it out of reprs and logs)."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.home / 'gateway.db').resolve()}"
+
+    @field_validator("admin_key")
+    @classmethod
+    def _check_admin_key(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("LORAFLEET_ADMIN_KEY must not be blank")
+        return value

@@ -1,0 +1,3 @@
+from lorafleet_gateway.cli.main import main
+
+main()
