@@ -55,12 +55,13 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "observability": with_required(
         {
             "gateway": {
+                "databaseUrl": "postgresql+psycopg://fleet:pw@postgres:5432/gateway",
                 "autoscaling": {
                     "enabled": True,
                     "minReplicas": 2,
                     "maxReplicas": 6,
                     "targetCPUUtilizationPercentage": 60,
-                }
+                },
             },
             "metrics": {
                 "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
@@ -152,7 +153,6 @@ def test_defaults_run_the_fleet_on_gpus_with_bundled_minio(rendered: dict[str, l
     for expected in [
         ("Deployment", "-gateway"),
         ("Service", "-gateway"),
-        ("PodDisruptionBudget", "-gateway"),
         ("StatefulSet", "-inference"),
         ("Service", "-inference-headless"),
         ("Deployment", "-trainer"),
@@ -168,6 +168,8 @@ def test_defaults_run_the_fleet_on_gpus_with_bundled_minio(rendered: dict[str, l
         ("ConfigMap", "-common"),
     ]:
         assert expected in kinds
+    # One gateway by default (its SQLite holds tenants and keys): no gateway PDB to render.
+    assert ("PodDisruptionBudget", "-gateway") not in kinds
     (inference,) = find(docs, "StatefulSet", "-inference")
     assert container(inference)["image"] == "lorafleet/inference:0.1.0"
     assert container(inference)["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -211,6 +213,14 @@ def test_without_gpus_the_cpu_images_serve_the_embedded_model(rendered: dict[str
     assert "nvidia.com/gpu" not in json.dumps([d.manifest for d in docs])
     assert config_value(docs, "-common", "LORAFLEET_BASE_MODEL") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config_value(docs, "-inference", "LORAFLEET_INFERENCE_TENSOR_PARALLEL_SIZE") == "1"
+
+
+def test_several_gateways_share_one_database(rendered: dict[str, list[Rendered]]) -> None:
+    docs = rendered["observability"]
+    (gateway,) = find(docs, "Deployment", "-gateway")
+    env = {e["name"]: e for e in container(gateway)["env"]}
+    assert env["LORAFLEET_GATEWAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "gateway-database-url"
+    assert find(docs, "PodDisruptionBudget", "-gateway")
 
 
 def test_observability_and_isolation_extras(rendered: dict[str, list[Rendered]]) -> None:
@@ -269,8 +279,18 @@ def test_dashboard_copy_in_the_chart_matches_deploy() -> None:
         ({"auth": {"adminKey": "k"}, "minio": {"enabled": False}, "s3": {"existingSecret": "s3"}}, "s3.endpoint"),
         ({"auth": {"adminKey": "k"}, "s3": {"accessKey": "fleet", "secretKey": "short"}}, "s3.secretKey"),
         (with_required({"inference": {"maxLoras": 16, "maxCpuLoras": 8}}), "inference.maxCpuLoras"),
+        (with_required({"gateway": {"replicas": 2}}), "gateway.databaseUrl"),
+        (with_required({"gateway": {"autoscaling": {"enabled": True}}}), "gateway.databaseUrl"),
     ],
-    ids=["admin-key", "s3-access-key", "external-s3-endpoint", "minio-password-length", "lora-cache-sizes"],
+    ids=[
+        "admin-key",
+        "s3-access-key",
+        "external-s3-endpoint",
+        "minio-password-length",
+        "lora-cache-sizes",
+        "several-gateways-without-shared-db",
+        "autoscaled-gateways-without-shared-db",
+    ],
 )
 def test_missing_required_values_fail_naming_the_value(
     values: dict[str, Any], named: str, render_chart: Render, helm_engine: ModuleType
