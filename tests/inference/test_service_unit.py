@@ -293,3 +293,126 @@ async def test_a_dead_engine_turns_health_not_serving(tmp_path: Path) -> None:
         assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await app.stop(drain_timeout_s=0)
+
+
+async def test_token_metrics_per_adapter_label_and_inter_token_latency(
+    renderer: PromptRenderer, tmp_path: Path
+) -> None:
+    engine = ScriptedEngine(
+        script=[
+            Output([Completion(0, "a", [1])]),
+            Output([Completion(0, "bc", [2, 3])]),
+            Output([Completion(0, "d", [4], "stop")], finished=True),
+        ]
+    )
+    svc = service(engine, renderer, tmp_path)
+    registry = svc.metrics.registry
+    chunks = [c async for c in svc.generate(pb.GenerateRequest(prompt="Say hi", sampling=pb.SamplingParams()))]
+    assert chunks[-1].usage.completion_tokens == 4
+    assert registry.get_sample_value("lorafleet_generation_tokens_total", {"adapter": "base"}) == 4
+    assert registry.get_sample_value("lorafleet_prompt_tokens_total", {"adapter": "base"}) == len(
+        renderer.encode("Say hi")
+    )
+    # Three outputs with tokens: two gaps after the first.
+    assert registry.get_sample_value("lorafleet_inter_token_latency_seconds_count") == 2
+    assert registry.get_sample_value("lorafleet_time_to_first_token_seconds_count") == 1
+    assert registry.get_sample_value("lorafleet_requests_total", {"adapter": "base", "status": "ok"}) == 1
+
+
+async def test_running_and_waiting_gauges(renderer: PromptRenderer, tmp_path: Path) -> None:
+    engine = ScriptedEngine(script=[Output([Completion(0, "a", [1])])], hang=True)
+    svc = service(engine, renderer, tmp_path)
+    registry = svc.metrics.registry
+    stream = svc.generate(pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=9)))
+    await stream.__anext__()
+    gauges = [registry.get_sample_value(f"lorafleet_requests_{s}") for s in ("running", "waiting")]
+    assert gauges == [1, 0]
+    await stream.aclose()
+    gauges = [registry.get_sample_value(f"lorafleet_requests_{s}") for s in ("running", "waiting")]
+    assert gauges == [0, 0]
+
+
+def test_tier_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    monkeypatch.setenv("LORAFLEET_INFERENCE_PINNED_ADAPTERS", "support-bot, team-a/helper@job-1")
+    monkeypatch.setenv("LORAFLEET_INFERENCE_ADAPTER_DISK_CACHE_BYTES", "2GiB")
+    monkeypatch.setenv("LORAFLEET_INFERENCE_TENSOR_PARALLEL_SIZE", "2")
+    settings = InferenceSettings()
+    assert settings.pinned_adapters == ["support-bot", "team-a/helper@job-1"]
+    assert (settings.adapter_disk_cache_bytes, settings.tensor_parallel_size) == (2 * 1024**3, 2)
+    monkeypatch.setenv("LORAFLEET_INFERENCE_PINNED_ADAPTERS", "../etc/passwd")
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        InferenceSettings()
+    monkeypatch.setenv("LORAFLEET_INFERENCE_PINNED_ADAPTERS", "a,b")
+    with pytest.raises(ValueError, match="no free slot"):
+        InferenceSettings(max_loras=1, max_cpu_loras=2)
+
+
+def test_engine_args_pass_tensor_parallelism_and_tiers_through(tmp_path: Path) -> None:
+    from lorafleet_inference.engine import engine_args
+
+    settings = InferenceSettings(
+        home=tmp_path, tensor_parallel_size=2, max_loras=3, max_cpu_loras=5, load_format="dummy", max_num_seqs=7
+    )
+    args = engine_args(settings, "/models/x")
+    assert (args.tensor_parallel_size, args.max_loras, args.max_cpu_loras, args.load_format, args.max_num_seqs) == (
+        2,
+        3,
+        5,
+        "dummy",
+        7,
+    )
+    assert args.enable_lora and args.max_lora_rank == settings.max_lora_rank
+
+
+def test_the_vllm_plugin_makes_cpu_lora_ops_skip_tokens_without_an_adapter() -> None:
+    import torch
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from lorafleet_inference.vllm_plugin import register
+
+    register()  # what vLLM does in each of its processes (entry point vllm.general_plugins)
+    weights = torch.randn(2, 1, 4, 3)  # 2 slots, rank 4, input 3
+    inputs = torch.randn(3, 3)
+    out = torch.zeros(3, 4)
+    punica_cpu.bgmv_shrink(inputs, weights, out, torch.tensor([0, -1, 1]), 1.0)
+    assert torch.equal(out[1], torch.zeros(4))  # no adapter: no delta (unpatched, it got slot 1's)
+    assert torch.allclose(out[0], weights[0, 0] @ inputs[0]) and torch.allclose(out[2], weights[1, 0] @ inputs[2])
+    expanded = torch.ones(3, 3)
+    punica_cpu.bgmv_expand(torch.randn(3, 4), torch.randn(2, 1, 3, 4), expanded, torch.tensor([-1, -1, 0]), True)
+    assert torch.equal(expanded[:2], torch.ones(2, 3)) and not torch.equal(expanded[2], torch.ones(3))
+
+
+def test_cpu_dtype_default_avoids_emulated_bfloat16(tmp_path: Path) -> None:
+    from lorafleet_inference.engine import cpu_has_native_bf16, engine_dtype
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse avx2 fma")
+    assert not cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16")
+    assert cpu_has_native_bf16(cpuinfo)
+    settings = InferenceSettings(home=tmp_path)
+    assert engine_dtype(settings, cuda=True) == "auto"
+    assert engine_dtype(settings.model_copy(update={"dtype": "bfloat16"}), cuda=False) == "bfloat16"
+
+
+def test_every_metric_is_documented_in_docs_metrics_md() -> None:
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from lorafleet_inference.metrics import InferenceMetrics
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    section = doc.split("## Inference", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for name, kind, labels in re.findall(r"^\| `(lorafleet_\w+)` \| (\w+) \| ([^|]*) \|", section, re.MULTILINE):
+        documented[name] = (kind, sorted(re.findall(r"`(\w+)`", labels)))
+    metrics = InferenceMetrics()
+    declared = {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
+    exposed = {}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {k for s in family.samples for k in s.labels if k != "le"} | declared.get(family.name, set())
+        exposed[name] = (family.type, sorted(labels))
+    assert documented == exposed

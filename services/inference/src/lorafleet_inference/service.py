@@ -34,6 +34,8 @@ class _Progress:
 
     running: bool = False
     adapter_name: str | None = None  # set once the adapter resolved: unresolved names never become labels
+    label: str = "other"  # the adapter label of the request's metrics
+    last_token_at: float | None = None
 
 
 class InferenceService:
@@ -60,7 +62,7 @@ class InferenceService:
         self.max_lora_rank = max_lora_rank
         self.max_choices = max_choices
         self.max_logprobs = max_logprobs
-        self.metrics = metrics or InferenceMetrics()
+        self.metrics = metrics or InferenceMetrics(memory=False)
         self._waiting = 0  # admitted, no token yet (resolving the adapter, queued, prefilling)
         self._running = 0  # producing tokens
         self._draining = False
@@ -81,6 +83,7 @@ class InferenceService:
             check_request(request, max_choices=self.max_choices, max_logprobs=self.max_logprobs)
             async with self._adapter(request.adapter) as adapter:
                 progress.adapter_name = adapter.name if adapter else None
+                progress.label = self.metrics.adapter_label(progress.adapter_name, requested=bool(request.adapter))
                 prompt_ids = self._prompt_ids(request, adapter)
                 params = sampling_params(
                     request.sampling, prompt_tokens=len(prompt_ids), max_model_len=self.max_model_len
@@ -119,6 +122,7 @@ class InferenceService:
         try:
             async with aclosing(stream):
                 async for output in self._engine_outputs(stream):
+                    self._observe_token_gap(progress, output)
                     for completion in output.outputs:
                         tokens = len(completion.token_ids)
                         if tokens and not progress.running:
@@ -147,8 +151,8 @@ class InferenceService:
                     chunk.usage.CopyFrom(_usage(prompt_ids, completion_tokens))
                 yield chunk
         finally:
-            self.metrics.prompt_tokens.inc(len(prompt_ids))
-            self.metrics.generation_tokens.inc(completion_tokens)
+            self.metrics.prompt_tokens.labels(progress.label).inc(len(prompt_ids))
+            self.metrics.generation_tokens.labels(progress.label).inc(completion_tokens)
             if not done:
                 # The caller went away (or something failed): free the engine's slot and KV cache now.
                 try:
@@ -183,15 +187,26 @@ class InferenceService:
         async with self.adapters.use(ref) as adapter:
             yield adapter
 
+    def _observe_token_gap(self, progress: _Progress, output: Any) -> None:
+        """Inter-token latency: the gap since the previous output, per token this one carries."""
+        tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+        if not tokens:
+            return
+        now = time.monotonic()
+        if progress.last_token_at is not None:
+            self.metrics.inter_token_latency.observe((now - progress.last_token_at) / tokens)
+        progress.last_token_at = now
+
     def _enter(self) -> None:
         self._waiting += 1
         self._idle.clear()
-        self.metrics.requests_running.set(self._running + self._waiting)
+        self._update_gauges()
 
     def _started_generating(self, progress: _Progress, started: float) -> None:
         progress.running = True
         self._waiting -= 1
         self._running += 1
+        self._update_gauges()
         self.metrics.time_to_first_token.observe(time.monotonic() - started)
 
     def _leave(self, progress: _Progress) -> None:
@@ -199,9 +214,13 @@ class InferenceService:
             self._running -= 1
         else:
             self._waiting -= 1
-        self.metrics.requests_running.set(self._running + self._waiting)
+        self._update_gauges()
         if self._running + self._waiting == 0:
             self._idle.set()
+
+    def _update_gauges(self) -> None:
+        self.metrics.requests_running.set(self._running)
+        self.metrics.requests_waiting.set(self._waiting)
 
     # ----- request checks ---------------------------------------------------------------------
 
@@ -233,6 +252,8 @@ class InferenceService:
         return pb.ListAdaptersResponse(adapters=[adapter_info(a) for a in self.adapters.loaded()])
 
     def stats(self) -> pb.StatsResponse:
+        # loaded_adapters is the cpu tier (registered with the engine). The gpu and disk tiers
+        # (AdapterManager.tiers()) need fields the v1 contract does not have yet.
         return pb.StatsResponse(
             running=self._running,
             waiting=self._waiting,
@@ -247,6 +268,8 @@ class InferenceService:
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if ``timeout_s`` passed first."""
+        if self._idle.is_set():
+            return True  # wait_for(..., 0) would time out even on a set event
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from lorafleet_common.names import parse_adapter_ref
 from lorafleet_common.settings import CommonSettings
 
 # The ranks vLLM accepts for max_lora_rank (vllm/config/lora.py); anything else fails at engine start.
@@ -38,15 +39,33 @@ class InferenceSettings(CommonSettings):
         description="Fraction of accelerator memory for weights and KV cache (on CPU: of one NUMA node's "
         "memory). None = 0.2 on CPU, 0.9 on CUDA.",
     )
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
-        default="auto", description="Weight and activation dtype passed to vLLM."
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = Field(
+        default=None,
+        description="Weight and activation dtype passed to vLLM. None = 'auto' on CUDA; on a CPU, 'auto' only if "
+        "it computes bfloat16 natively (avx512_bf16/amx_bf16), else float32 (vLLM's auto picks bfloat16 there, "
+        "which AVX2-only CPUs emulate about 3x slower).",
     )
     enforce_eager: bool | None = Field(
         default=None, description="Disable CUDA graphs / torch.compile. None = True on CPU, False on CUDA."
     )
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to shard the model over.")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs to shard the model (and the LoRA slots) over; passed to vLLM as is."
+    )
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        default="auto", description="How vLLM reads the base weights; 'dummy' = random weights (benchmarks only)."
+    )
     adapter_cache_dir: Path | None = Field(
-        default=None, description="Where downloaded adapters are kept. Default: <home>/adapter-cache."
+        default=None, description="The disk tier: validated adapter copies. Default: <home>/adapter-cache."
+    )
+    adapter_disk_cache_bytes: ByteSize | None = Field(
+        default=ByteSize(20 * 1024**3),
+        description="Byte budget of the disk tier (e.g. '20GiB'); least recently used adapters that are not "
+        "loaded or pinned are deleted to stay under it. Must hold max_cpu_loras adapters. None = unbounded.",
+    )
+    pinned_adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Adapters ('name' or 'name@version', comma-separated) loaded and pinned at start-up, "
+        "never evicted. Failures are logged and do not keep the replica from serving.",
     )
     load_timeout_s: float = Field(
         default=120.0, gt=0, description="Upper bound on fetching, validating and loading one adapter."
@@ -61,6 +80,20 @@ class InferenceSettings(CommonSettings):
     max_choices: int = Field(default=16, ge=1, description="Largest n (choices per request) accepted.")
     max_logprobs: int = Field(default=20, ge=0, description="Largest number of top log-probabilities per token.")
 
+    @field_validator("pinned_adapters", mode="before")
+    @classmethod
+    def _split_pinned(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("pinned_adapters")
+    @classmethod
+    def _pinned_names_valid(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            parse_adapter_ref(ref)  # InvalidName is a ValueError: reported as a settings error
+        return value
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_vllm_accepts(cls, value: int) -> int:
@@ -72,6 +105,11 @@ class InferenceSettings(CommonSettings):
     def _cpu_cache_holds_a_batch(self) -> Self:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if len(self.pinned_adapters) >= self.max_cpu_loras:
+            raise ValueError(
+                f"{len(self.pinned_adapters)} pinned adapters leave no free slot of max_cpu_loras "
+                f"({self.max_cpu_loras}) for the others"
+            )
         return self
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +22,7 @@ R = TypeVar("R")
 def job_to_proto(job: JobRecord) -> trainer_pb2.Job:
     return trainer_pb2.Job(
         id=job.id,
-        state=int(job.state),
+        state=cast(trainer_pb2.JobState, int(job.state)),
         manifest_uri=job.manifest_uri,
         adapter_name=job.adapter_name,
         adapter_version=job.id,
@@ -46,7 +46,7 @@ def event_to_proto(event: EventRecord) -> trainer_pb2.JobEvent:
         job_id=event.job_id,
         time=event.time,
         kind=event.kind,
-        state=int(event.state),
+        state=cast(trainer_pb2.JobState, int(event.state)),
         message=event.message,
     )
     if event.progress:

@@ -1,0 +1,37 @@
+"""bench/inference.py --quick runs end to end (its own engine, in a subprocess) and reports every measurement."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_inference_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "inference.py"), "--quick", "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for heading in ("(a) throughput", "(b) time to first token", "(c) our service over gRPC"):
+        assert heading in result.stdout, result.stdout
+    data = json.loads(out.read_text())["results"]
+    assert set(data["throughput"]) == {"0", "1", "2", "4"}
+    assert all(case["tok_s"] > 0 and case["tokens"] > 0 for case in data["throughput"].values())
+    assert set(data["latency"]) == {"base", "slot", "swap", "disk", "cold"}
+    assert all(row["p50"] > 0 and row["n"] >= 1 for row in data["latency"].values())
+    assert data["swap_gpu_misses"] == data["latency"]["swap"]["n"]  # every "warm swap" really missed its slot
+    for side in ("service", "engine"):
+        assert all(math.isfinite(v) and v > 0 for v in data["overhead"][side].values())
