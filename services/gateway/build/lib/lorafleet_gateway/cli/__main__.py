@@ -1,3 +1,0 @@
-from lorafleet_gateway.cli.main import main
-
-main()

@@ -1,1 +1,0 @@
-"""The gateway's own database: tenants and API keys (SQLAlchemy Core, migrated with Alembic)."""

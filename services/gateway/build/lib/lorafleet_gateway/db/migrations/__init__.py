@@ -1,1 +1,0 @@
-"""Alembic migrations of the gateway database (run by db.database.migrate at start-up)."""

@@ -1,1 +1,0 @@
-"""/v1/fine_tuning/jobs: OpenAI fine-tuning API proxied to the trainer."""

@@ -1,1 +1,0 @@
-"""What chat and completions share: the request fields, the upstream call, aggregation and SSE."""
