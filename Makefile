@@ -29,8 +29,9 @@ up: install ## Start trainer, inference and gateway in the background (logs in $
 down: ## Stop the services that `make up` started.
 	@if [ -x $(PY) ]; then $(PY) -m lorafleet_common.devstack down; fi
 
-bench: install ## Run the CPU benchmarks (see docs/benchmarks.md).
+bench: install ## Run the CPU benchmarks, each printing ratios measured side by side (docs/benchmarks.md).
 	$(PY) bench/inference.py
+	$(PY) bench/gateway.py
 
 ##@ Development
 install: $(INSTALLED) ## Create .venv with the CPU stack and the four service packages.
