@@ -275,6 +275,10 @@ async def test_load_list_stats_unload(replica: Replica, peft_adapter: Path) -> N
     stats = await replica.stub.Stats(pb.StatsRequest(), timeout=5)
     assert "team-a/helper@job-1" in stats.loaded_adapters
     assert (stats.base_model, stats.max_lora_rank, stats.running, stats.waiting) == (EMBEDDED_BASE_MODEL, 8, 0, 0)
+    # Every tier is reported for routing: the validated copy on disk, and the engine's slot counts.
+    assert "team-a/helper@job-1" in stats.disk_adapters
+    assert (stats.max_loras, stats.max_cpu_loras) == (2, 3)
+    assert set(stats.gpu_adapters) <= set(stats.loaded_adapters)
     assert (await replica.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter="team-a/helper"), timeout=10)).was_loaded
     again = await replica.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter="team-a/helper"), timeout=10)
     assert not again.was_loaded

@@ -252,14 +252,18 @@ class InferenceService:
         return pb.ListAdaptersResponse(adapters=[adapter_info(a) for a in self.adapters.loaded()])
 
     def stats(self) -> pb.StatsResponse:
-        # loaded_adapters is the cpu tier (registered with the engine). The gpu and disk tiers
-        # (AdapterManager.tiers()) need fields the v1 contract does not have yet.
+        # loaded_adapters is the cpu tier (registered with the engine): what the gateway routes on.
+        tiers = self.adapters.tiers()
         return pb.StatsResponse(
             running=self._running,
             waiting=self._waiting,
             loaded_adapters=[a.key for a in self.adapters.loaded()],
             base_model=self.served_model,
             max_lora_rank=self.max_lora_rank,
+            gpu_adapters=tiers["gpu"],
+            disk_adapters=tiers["disk"],
+            max_loras=self.adapters.gpu.capacity,
+            max_cpu_loras=self.adapters.capacity,
         )
 
     def begin_drain(self) -> None:

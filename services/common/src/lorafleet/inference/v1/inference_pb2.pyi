@@ -155,15 +155,23 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "loaded_adapters", "base_model", "max_lora_rank")
+    __slots__ = ("running", "waiting", "loaded_adapters", "base_model", "max_lora_rank", "gpu_adapters", "disk_adapters", "max_loras", "max_cpu_loras")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    GPU_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DISK_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
     base_model: str
     max_lora_rank: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
+    gpu_adapters: _containers.RepeatedScalarFieldContainer[str]
+    disk_adapters: _containers.RepeatedScalarFieldContainer[str]
+    max_loras: int
+    max_cpu_loras: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., gpu_adapters: _Optional[_Iterable[str]] = ..., disk_adapters: _Optional[_Iterable[str]] = ..., max_loras: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ...) -> None: ...
