@@ -67,39 +67,31 @@ class RateLimiter:
 
     def admit_request(self, principal: Principal) -> None:
         """Take one request from the key's allowance, or raise 429 with Retry-After."""
-        limit = principal.rpm_limit
-        if limit is None:
-            return
-        bucket = self._bucket(self._requests, principal.subject, limit)
-        if bucket.level < 1:
-            wait = bucket.wait_s(limit, 1)
-            raise self._rejected(
-                RequestRateLimited,
-                principal,
-                f"Rate limit reached for requests per min (RPM): Limit {limit}. Please try again in {wait}s.",
-                wait,
-                limit,
-                "requests",
-            )
-        bucket.level -= 1
+        self._admit(self._requests, principal, principal.rpm_limit, 1, RequestRateLimited, "requests", "RPM")
 
     def admit_tokens(self, principal: Principal, estimate: int) -> None:
         """Admit a generation while the key has a token left (not in debt), charging its estimated prompt."""
-        limit = principal.tpm_limit
+        self._admit(self._tokens, principal, principal.tpm_limit, estimate, TokenRateLimited, "tokens", "TPM")
+
+    def _admit(
+        self,
+        buckets: dict[str, Bucket],
+        principal: Principal,
+        limit: int | None,
+        charge: int,
+        error: type[GatewayError],
+        kind: str,
+        unit: str,
+    ) -> None:
+        """Admit while the bucket holds at least one unit (so one large request may go into debt), then charge."""
         if limit is None:
             return
-        bucket = self._bucket(self._tokens, principal.subject, limit)
+        bucket = self._bucket(buckets, principal.subject, limit)
         if bucket.level < 1:
             wait = bucket.wait_s(limit, 1)
-            raise self._rejected(
-                TokenRateLimited,
-                principal,
-                f"Rate limit reached for tokens per min (TPM): Limit {limit}. Please try again in {wait}s.",
-                wait,
-                limit,
-                "tokens",
-            )
-        bucket.level -= estimate
+            message = f"Rate limit reached for {kind} per min ({unit}): Limit {limit}. Please try again in {wait}s."
+            raise self._rejected(error, principal, message, wait, limit, kind)
+        bucket.level -= charge
 
     def charge_tokens(self, principal: Principal, tokens: int) -> None:
         """Charge (or refund, if negative) tokens after the fact."""
