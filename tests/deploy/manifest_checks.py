@@ -62,6 +62,19 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
                         "properties": {
                             "port": {"type": "string"},
                             "path": {"type": "string"},
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "credentials": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["key"],
+                                        "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+                                    },
+                                },
+                            },
                             "interval": {
                                 "type": "string",
                                 "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"

@@ -75,6 +75,7 @@ def test_default_env_file_brings_up_the_gpu_stack(compose_bin: str, tmp_path: Pa
     assert running["inference"]["environment"]["LORAFLEET_BASE_MODEL"] == "Qwen/Qwen2.5-7B-Instruct"
     assert running["gateway"]["environment"]["LORAFLEET_ADMIN_KEY"] == "lf-admin-test"
     assert running["gateway"]["ports"][0] == "127.0.0.1:8000:8000/tcp"
+    assert running["trainer"]["environment"]["LORAFLEET_TRAINER_NOTIFY_INFERENCE"] == "inference:50051"
 
 
 def test_cpu_profile_swaps_in_the_cpu_images_and_embedded_model(compose_bin: str, tmp_path: Path) -> None:

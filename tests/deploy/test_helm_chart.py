@@ -233,11 +233,15 @@ def test_observability_and_isolation_extras(rendered: dict[str, list[Rendered]])
     assert len(monitors) == 3
     assert all(m.manifest["metadata"]["labels"]["release"] == "kube-prometheus-stack" for m in monitors)
     gateway_pods = gateway.manifest["spec"]["template"]["metadata"]["labels"]
-    for suffix, grpc in (("-inference", "grpc"), ("-trainer", "grpc")):
+    (trainer,) = find(docs, "Deployment", "-trainer")
+    trainer_pods = trainer.manifest["spec"]["template"]["metadata"]["labels"]
+    # The trainer reaches inference too: it asks the replicas to preload each adapter it publishes.
+    callers = {"-inference": [gateway_pods, trainer_pods], "-trainer": [gateway_pods]}
+    for suffix, pods in callers.items():
         (policy,) = find(docs, "NetworkPolicy", suffix)
         rules = policy.manifest["spec"]["ingress"]
-        grpc_rules = [r for r in rules if r["ports"] == [{"port": grpc, "protocol": "TCP"}]]
-        assert [r["from"] for r in grpc_rules] == [[{"podSelector": {"matchLabels": gateway_pods}}]]
+        grpc_rules = [r for r in rules if r["ports"] == [{"port": "grpc", "protocol": "TCP"}]]
+        assert [r["from"] for r in grpc_rules] == [[{"podSelector": {"matchLabels": p}} for p in pods]]
         assert all(r["ports"][0]["port"] == "metrics" for r in rules if r not in grpc_rules)
     (dashboard,) = find(docs, "ConfigMap", "-grafana-dashboard")
     assert json.loads(dashboard.manifest["data"]["lorafleet.json"]) == json.loads(
@@ -252,6 +256,7 @@ def test_gateway_knows_every_inference_replica_by_its_stable_name(rendered: dict
     targets = config_value(docs, "-gateway", "LORAFLEET_GATEWAY_INFERENCE_TARGETS").split(",")
     service = inference.manifest["spec"]["serviceName"]
     assert targets == [f"demo-lorafleet-inference-{i}.{service}.fleet.svc.cluster.local:50051" for i in range(3)]
+    assert config_value(docs, "-trainer", "LORAFLEET_TRAINER_NOTIFY_INFERENCE").split(",") == targets
     assert container(inference)["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert config_value(docs, "-inference", "LORAFLEET_INFERENCE_TENSOR_PARALLEL_SIZE") == "2"
     assert inference.manifest["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"

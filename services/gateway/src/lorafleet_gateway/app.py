@@ -13,8 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lorafleet_gateway.adapters.router import admin_router as adapters_admin_router
 from lorafleet_gateway.adapters.router import router as adapters_router
-from lorafleet_gateway.adapters.service import AdapterService, PlacementTimeouts
-from lorafleet_gateway.auth import Authenticator, DefaultLimits
+from lorafleet_gateway.adapters.service import AdapterService, PlacementTimeouts, replica_label
+from lorafleet_gateway.auth import AdminDep, Authenticator, DefaultLimits, is_admin
 from lorafleet_gateway.chat.router import router as chat_router
 from lorafleet_gateway.completions.router import router as completions_router
 from lorafleet_gateway.console.router import install_console
@@ -30,6 +30,7 @@ from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
 from lorafleet_gateway.models.router import router as models_router
 from lorafleet_gateway.models.service import ModelCatalog
+from lorafleet_gateway.openapi import BEARER_SCHEME, ERROR_RESPONSES, install_openapi
 from lorafleet_gateway.quotas import RateLimiter
 from lorafleet_gateway.settings import GatewaySettings
 from lorafleet_gateway.tenancy.directory import TenantDirectory
@@ -48,19 +49,34 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops_router.get("/ready")
+@ops_router.get(
+    "/ready",
+    responses={503: {"description": "No inference replica is serving (same body, status 'unavailable')."}},
+)
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: at least one inference replica answers its gRPC health check with SERVING."""
+    """Readiness: at least one inference replica answers its gRPC health check with SERVING.
+
+    Needs no key (load balancers and probes call it); replica addresses are shown to the admin key only,
+    anyone else sees the opaque ids the adapters API shows tenants.
+    """
     replicas = await services(request).pool.check_health()
     ok = any(replicas.values())
-    return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "replicas": replicas}, status_code=200 if ok else 503
-    )
+    admin = await is_admin(request)
+    shown = {replica_label(target, admin=admin): up for target, up in replicas.items()}
+    return JSONResponse({"status": "ready" if ok else "unavailable", "replicas": shown}, status_code=200 if ok else 503)
 
 
-@ops_router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this gateway."""
+@ops_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        **ERROR_RESPONSES,
+        200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}},
+    },
+    openapi_extra={"security": [{BEARER_SCHEME: []}]},
+)
+async def metrics(request: Request, _admin: AdminDep) -> Response:
+    """Prometheus metrics of this gateway. Admin key only: the labels name every tenant and its adapters."""
     return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -73,6 +89,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = open_engine(settings.resolved_database_url(), timeout_s=settings.connect_timeout_s)
+        tls = settings.grpc_tls()  # re-read at each start: a restart picks up rotated certificates
         await asyncio.to_thread(migrate, engine)
         directory = TenantDirectory(engine)
         app.state.authenticator = Authenticator(
@@ -98,14 +115,18 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             ),
             dns_refresh_s=settings.dns_refresh_s,
             eject_after=settings.eject_after_failures,
+            tls=tls,
         )
         trainer = TrainerClient(
-            settings.trainer_target, connect_timeout_s=settings.connect_timeout_s, timeout_s=settings.trainer_timeout_s
+            settings.trainer_target,
+            connect_timeout_s=settings.connect_timeout_s,
+            timeout_s=settings.trainer_timeout_s,
+            tls=tls,
         )
         await pool.start()
         await trainer.start()
         catalog = ModelCatalog(deps.store, settings.base_model)
-        files = FileService(deps.store)
+        files = FileService(deps.store, max_line_bytes=settings.max_file_line_bytes)
         app.state.services = GatewayServices(
             pool=pool,
             trainer=trainer,
@@ -126,10 +147,11 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             ),
         )
         logger.info(
-            "gateway serving %s; inference %s; trainer %s",
+            "gateway serving %s; inference %s; trainer %s; gRPC %s",
             settings.base_model,
             ",".join(settings.inference_targets),
             settings.trainer_target,
+            "mTLS" if tls else "plaintext",
         )
         try:
             yield
@@ -148,8 +170,10 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
     app.state.settings = settings
     install_error_handlers(app)
     routers = (chat_router, completions_router, models_router, files_router, fine_tuning_router, adapters_router)
-    for router in (*routers, admin_router, adapters_admin_router, ops_router):
-        app.include_router(router)
+    for router in (*routers, admin_router, adapters_admin_router):
+        app.include_router(router, responses=ERROR_RESPONSES)
+    app.include_router(ops_router)
+    install_openapi(app)
     install_console(app)
     # Added last = outermost: metrics see every response, including the body limit's 413s.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)

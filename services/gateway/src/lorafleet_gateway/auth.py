@@ -19,7 +19,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
-from lorafleet_gateway.errors import AuthenticationFailed, PermissionDenied
+from lorafleet_gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
 from lorafleet_gateway.tenancy.directory import KeyOwner, TenantDirectory
 from lorafleet_gateway.tenancy.keys import DEFAULT_TENANT, KEY_PREFIX
 
@@ -151,6 +151,17 @@ async def require_admin(request: Request) -> Principal:
     if not principal.is_admin:
         raise PermissionDenied("This endpoint needs the admin API key.")
     return principal
+
+
+async def is_admin(request: Request) -> bool:
+    """Whether the request carries the admin key, for routes that answer everyone but show the admin more."""
+    authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
+    if authenticator is None or not request.headers.get("authorization"):
+        return False
+    try:
+        return (await authenticator.authenticate(request.headers.get("authorization"))).is_admin
+    except (AuthenticationFailed, ServiceUnavailable):
+        return False
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

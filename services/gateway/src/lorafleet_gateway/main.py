@@ -29,7 +29,8 @@ def load_settings() -> GatewaySettings:
                     "Set it to a long random secret; clients send it as 'Authorization: Bearer <key>'."
                 )
             else:
-                lines.append(f"{field}: {error['msg']}")
+                message = str(error["msg"]).removeprefix("Value error, ")
+                lines.append(f"{field}: {message}" if field else message)  # model-level checks name no field
         print("lorafleet-gateway: invalid configuration:\n  " + "\n  ".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lorafleet.inference.v1 import inference_pb2 as pb
 from lorafleet.inference.v1 import inference_pb2_grpc as pb_grpc
+from lorafleet_common.grpc_tls import GrpcTls, add_port
 from lorafleet_inference.errors import ServiceUnavailable, grpc_status
 from lorafleet_inference.service import InferenceService
 
@@ -84,15 +85,22 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 
 def build_server(
-    servicer: InferenceServicer, health_servicer: health.aio.HealthServicer, host: str, port: int
+    servicer: InferenceServicer,
+    health_servicer: health.aio.HealthServicer,
+    host: str,
+    port: int,
+    tls: GrpcTls | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with the inference and health services on host:port; returns it and the bound port."""
+    """A grpc.aio server with the inference and health services on host:port; returns it and the bound port.
+
+    With ``tls`` the port requires mTLS: only clients with a certificate the CA bundle signed get in.
+    """
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"could not bind gRPC to {host}:{port}")
     return server, bound

@@ -134,11 +134,12 @@ async def start(settings: InferenceSettings, model_path: str | None = None) -> I
     metrics = InferenceMetrics()
     health_servicer = health.aio.HealthServicer()
     servicer = InferenceServicer()
-    server, port = build_server(servicer, health_servicer, settings.host, settings.grpc_port)
+    tls = settings.grpc_tls()
+    server, port = build_server(servicer, health_servicer, settings.host, settings.grpc_port, tls)
     app = InferenceApp(settings, server, port, health_servicer, servicer, metrics)
     await set_serving(health_servicer, False)
     await server.start()
-    log.info("gRPC on %s:%d (NOT_SERVING until the engine is up)", settings.host, port)
+    log.info("gRPC%s on %s:%d (NOT_SERVING until the engine is up)", " (mTLS)" if tls else "", settings.host, port)
     try:
         if settings.metrics_port:
             app.metrics_server = serve_metrics(metrics, settings.host, settings.metrics_port)

@@ -35,7 +35,8 @@ class TrainerApp:
         self.jobs = JobStore(settings.resolved_database_url(), timeout_s=settings.store_call_timeout_s)
         self.metrics = TrainerMetrics(registry)
         self.service = TrainerService(settings, store or settings.open_store(), self.jobs, self.metrics)
-        self.grpc = TrainerGrpcServer(self.service, settings.host, settings.grpc_port)
+        self.tls = settings.grpc_tls()
+        self.grpc = TrainerGrpcServer(self.service, settings.host, settings.grpc_port, self.tls)
         self._metrics_server: Any = None
 
     @property
@@ -50,7 +51,7 @@ class TrainerApp:
                 self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
             )
         await self.grpc.set_serving(True)
-        log.info("trainer serving gRPC on %s:%d", self.settings.host, self.port)
+        log.info("trainer serving gRPC%s on %s:%d", " (mTLS)" if self.tls else "", self.settings.host, self.port)
 
     async def stop(self) -> None:
         await self.grpc.set_serving(False)

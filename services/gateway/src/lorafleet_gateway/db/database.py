@@ -30,7 +30,9 @@ def open_engine(url: str, *, timeout_s: float = 10.0) -> Engine:
         connect_args = {"check_same_thread": False, "timeout": timeout_s}
     elif parsed.get_backend_name() == "postgresql":
         connect_args = {"connect_timeout": max(1, int(timeout_s))}
-    engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    # hide_parameters: SQLAlchemy's errors and statement logs would otherwise carry bound values, and the
+    # key lookup binds a key's sha256 (a leaked log then lists the hashes the database authenticates by).
+    engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True)
     if parsed.get_backend_name() == "sqlite":
 
         @sa.event.listens_for(engine, "connect")

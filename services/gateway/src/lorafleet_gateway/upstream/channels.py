@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import grpc
 
+from lorafleet_common.grpc_tls import GrpcTls, open_aio_channel
+
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def open_channel(target: str, *, connect_timeout_s: float) -> grpc.aio.Channel:
-    """An insecure channel whose connection attempts are bounded and whose reconnects stay quick.
+def open_channel(target: str, *, connect_timeout_s: float, tls: GrpcTls | None = None) -> grpc.aio.Channel:
+    """A channel whose connection attempts are bounded and whose reconnects stay quick; mTLS when ``tls`` is given.
 
     gRPC's default reconnect backoff grows to 120 s, which would keep a
     recovered replica out of rotation for minutes; cap it at 5 s. The
@@ -23,4 +25,4 @@ def open_channel(target: str, *, connect_timeout_s: float) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ]
-    return grpc.aio.insecure_channel(target, options=options)
+    return open_aio_channel(target, tls, options)

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from lorafleet.inference.v1 import inference_pb2
+from lorafleet_common.grpc_tls import GrpcTls
 from lorafleet_gateway.errors import (
     GatewayError,
     ModelNotFound,
@@ -155,6 +156,7 @@ class InferencePool:
         dns_refresh_s: float = 30.0,
         eject_after: int = 3,
         resolver: Resolver = resolve_dns,
+        tls: GrpcTls | None = None,
     ) -> None:
         self.timeouts = timeouts
         self.metrics = metrics
@@ -168,6 +170,7 @@ class InferencePool:
             drain_s=timeouts.request_s,
             metrics=metrics,
             resolver=resolver,
+            tls=tls,
         )
         self._turn = itertools.count()
         self.streams: set[GenerationStream] = set()

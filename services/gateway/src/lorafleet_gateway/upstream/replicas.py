@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
+from lorafleet_common.grpc_tls import GrpcTls
 from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.settings import DNS_SCHEME
 from lorafleet_gateway.upstream.channels import open_channel
@@ -87,7 +88,9 @@ class ReplicaSet:
         drain_s: float,
         metrics: GatewayMetrics,
         resolver: Resolver = resolve_dns,
+        tls: GrpcTls | None = None,
     ) -> None:
+        self._tls = tls
         self._static = [t for t in targets if not t.startswith(DNS_SCHEME)]
         self._dns = [t.removeprefix(DNS_SCHEME) for t in targets if t.startswith(DNS_SCHEME)]
         self._resolved: dict[str, list[str]] = {}
@@ -164,7 +167,7 @@ class ReplicaSet:
             self._retire(self._replicas.pop(target))
 
     def _add(self, target: str) -> None:
-        channel = open_channel(target, connect_timeout_s=self._connect_timeout_s)
+        channel = open_channel(target, connect_timeout_s=self._connect_timeout_s, tls=self._tls)
         self._replicas[target] = Replica(
             target=target,
             channel=channel,

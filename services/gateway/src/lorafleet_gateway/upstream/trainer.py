@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from lorafleet.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from lorafleet_common.grpc_tls import GrpcTls
 from lorafleet_gateway.errors import from_grpc
 from lorafleet_gateway.upstream.channels import open_channel
 
@@ -40,15 +41,16 @@ class JobWatch:
 class TrainerClient:
     """Thin async wrapper over TrainerServiceStub."""
 
-    def __init__(self, target: str, *, connect_timeout_s: float, timeout_s: float) -> None:
+    def __init__(self, target: str, *, connect_timeout_s: float, timeout_s: float, tls: GrpcTls | None = None) -> None:
         self.target = target
+        self._tls = tls
         self._connect_timeout_s = connect_timeout_s
         self._timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
 
     async def start(self) -> None:
-        self._channel = open_channel(self.target, connect_timeout_s=self._connect_timeout_s)
+        self._channel = open_channel(self.target, connect_timeout_s=self._connect_timeout_s, tls=self._tls)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
 
     async def close(self) -> None:
