@@ -61,7 +61,7 @@ def test_sampling_fields_reach_the_upstream(gw: Stack, client: openai.OpenAI) ->
         frequency_penalty=-0.5,
         stop="!",
         user="someone",
-        extra_body={"repetition_penalty": 1.1},  # unknown: accepted and logged
+        extra_body={"repetition_penalty": 1.1, "ignore_eos": True},  # unknown: accepted and logged; vLLM's extension
     )
     [sent] = gw.all_requests()
     params = sent.sampling
@@ -73,6 +73,7 @@ def test_sampling_fields_reach_the_upstream(gw: Stack, client: openai.OpenAI) ->
     assert list(params.stop) == ["!"]
     assert params.n == 1
     assert not params.HasField("logprobs")
+    assert params.ignore_eos
     assert [(m.role, m.content) for m in sent.chat.messages] == [("system", "Be brief"), ("user", "hi")]
 
 
@@ -81,6 +82,7 @@ def test_unset_sampling_fields_stay_unset(gw: Stack, client: openai.OpenAI) -> N
     params = gw.all_requests()[0].sampling
     assert not params.HasField("temperature") and not params.HasField("top_p") and not params.HasField("seed")
     assert params.max_tokens == 0
+    assert not params.ignore_eos
 
 
 def test_stream_role_then_deltas_then_finish(gw: Stack, client: openai.OpenAI) -> None:

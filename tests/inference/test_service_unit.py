@@ -160,6 +160,17 @@ async def test_bad_parameters_are_invalid_arguments(
             pass
 
 
+def test_sampling_fields_reach_vllm_sampling_params() -> None:
+    from lorafleet_inference.sampling import sampling_params
+
+    sent = pb.SamplingParams(max_tokens=5, temperature=0.0, stop=["x"], seed=3, ignore_eos=True)
+    params = sampling_params(sent, prompt_tokens=3, max_model_len=64)
+    assert (params.max_tokens, params.temperature, params.stop, params.seed) == (5, 0.0, ["x"], 3)
+    assert params.ignore_eos is True
+    default = sampling_params(pb.SamplingParams(), prompt_tokens=3, max_model_len=64)
+    assert default.ignore_eos is False and default.max_tokens == 61  # 0 = up to the context
+
+
 async def test_a_prompt_longer_than_the_context_is_refused(renderer: PromptRenderer, tmp_path: Path) -> None:
     svc = service(ScriptedEngine(), renderer, tmp_path, max_model_len=64)
     with pytest.raises(InvalidRequest, match="context is 64 tokens"):

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class GatewayError(Exception):
 
 class InvalidRequest(GatewayError):
     """The request is malformed or asks for something impossible."""
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (plus max_tokens) does not fit the model's context; inference says OUT_OF_RANGE."""
 
 
 class AdapterRejected(InvalidRequest):
@@ -108,6 +113,7 @@ class ErrorKind:
 ERROR_TABLE: dict[type[GatewayError], ErrorKind] = {
     InvalidRequest: ErrorKind(400, "invalid_request_error"),
     AdapterRejected: ErrorKind(400, "invalid_request_error", "adapter_rejected"),
+    ContextLengthExceeded: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     AuthenticationFailed: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
     PermissionDenied: ErrorKind(403, "invalid_request_error", "permission_denied"),
     NotFound: ErrorKind(404, "invalid_request_error"),
@@ -129,7 +135,7 @@ ERROR_TABLE: dict[type[GatewayError], ErrorKind] = {
 GRPC_STATUS_TABLE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: ContextLengthExceeded,
     grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
     grpc.StatusCode.FAILED_PRECONDITION: AdapterRejected,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
@@ -162,8 +168,21 @@ def from_grpc(
     return cls(details, param=param if cls in (not_found, AdapterRejected) else None)
 
 
+MAX_MESSAGE_CHARS = 2_000
+
+
+def _printable(text: str | None) -> str | None:
+    """Messages quote what the client sent: a 10k-character model id is cut, and a lone surrogate (which
+    would make the error itself unsendable as UTF-8) is spelled out."""
+    if text is None:
+        return None
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_payload(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": type_, "param": _printable(param), "code": code}}
 
 
 def payload_for(exc: GatewayError) -> dict[str, Any]:
@@ -207,6 +226,15 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest("; ".join(messages) or "invalid request", param=first)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path: Starlette's 405 lists only the first route's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error path through ERROR_TABLE."""
 
@@ -231,9 +259,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        return JSONResponse(
-            error_payload(str(exc.detail), type_), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(error_payload(str(exc.detail), type_), status_code=exc.status_code, headers=headers or None)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -117,6 +117,12 @@ class GatewaySettings(CommonSettings):
     max_file_bytes: int = Field(
         default=512 * 1024 * 1024, gt=0, description="Largest upload to POST /v1/files; larger ones get 413."
     )
+    max_file_line_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Longest line (one JSONL row) in an upload to POST /v1/files; a longer one gets 400. Each line "
+        "is parsed whole, so this bounds the memory one upload can take.",
+    )
     graceful_shutdown_s: int = Field(
         default=30, ge=0, description="On SIGTERM, how long in-flight requests may finish before they are cut."
     )

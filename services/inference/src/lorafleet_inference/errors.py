@@ -17,6 +17,11 @@ class InvalidRequest(InferenceError):
     """The request is malformed: bad parameters, a prompt longer than the context, ..."""
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, or the prompt plus max_tokens, does not fit the model's context (OUT_OF_RANGE, so the
+    gateway can answer OpenAI's context_length_exceeded)."""
+
+
 class AdapterRejected(InferenceError):
     """The adapter exists but failed validation; ``problems`` lists every reason."""
 
@@ -37,6 +42,7 @@ class ServiceUnavailable(InferenceError):
 # Order matters only between a class and its subclasses; lookups walk the exception's MRO.
 _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ContextLengthExceeded: grpc.StatusCode.OUT_OF_RANGE,
     InvalidName: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidKey: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,  # lorafleet_common.adapters: no such adapter or version

@@ -7,7 +7,7 @@ from typing import Any
 
 from lorafleet.inference.v1 import inference_pb2 as pb
 from lorafleet_inference.engine import make_sampling_params
-from lorafleet_inference.errors import InvalidRequest
+from lorafleet_inference.errors import ContextLengthExceeded, InvalidRequest
 from lorafleet_inference.prompts import CHAT_ROLES
 
 MAX_STOP_STRINGS = 16
@@ -48,7 +48,7 @@ def sampling_params(s: pb.SamplingParams, *, prompt_tokens: int, max_model_len: 
     """vLLM SamplingParams (DELTA output) for the request; max_tokens 0 means "up to the context limit"."""
     room = max_model_len - prompt_tokens
     if s.max_tokens > room:
-        raise InvalidRequest(
+        raise ContextLengthExceeded(
             f"prompt ({prompt_tokens} tokens) plus max_tokens ({s.max_tokens}) exceeds this model's "
             f"context of {max_model_len} tokens; ask for at most {room} tokens"
         )
@@ -69,6 +69,7 @@ def _make_sampling_params(s: pb.SamplingParams, room: int) -> Any:
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         logprobs=s.logprobs if s.HasField("logprobs") else None,
+        ignore_eos=s.ignore_eos,
     )
 
 

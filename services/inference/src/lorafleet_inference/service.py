@@ -18,7 +18,7 @@ from typing import Any
 from lorafleet.inference.v1 import inference_pb2 as pb
 from lorafleet_inference.adapters import AdapterManager, LoadedAdapter
 from lorafleet_inference.engine import Engine, token_prompt
-from lorafleet_inference.errors import InvalidRequest, ServiceUnavailable, status_label
+from lorafleet_inference.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, status_label
 from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.sampling import check_request, sampling_params, token_logprobs
@@ -234,7 +234,7 @@ class InferenceService:
         if not ids:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"the prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "(prompt plus completion), so it leaves no room to generate"
             )

@@ -22,6 +22,7 @@ from lorafleet_common.store import ObjectNotFound, ObjectStore, S3Config, StoreE
 from lorafleet_trainer.manifest import DatasetSpec
 
 MAX_PROBLEMS_IN_MESSAGE = 10
+MAX_SHOWN_VALUE_CHARS = 60  # a bad value quoted in a problem is cut to this: a 10 MB "role" stays out of messages
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
@@ -64,6 +65,8 @@ class DatasetError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         shown = "; ".join(problems[:MAX_PROBLEMS_IN_MESSAGE])
+        # Lone surrogates (from "\ud800" escapes in a uri or key) would break the gRPC status: spell them out.
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
         more = len(problems) - MAX_PROBLEMS_IN_MESSAGE
         suffix = f"; and {more} more" if more > 0 else ""
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
@@ -80,6 +83,16 @@ class _RowProblems:
         self.items.append((field, why))
 
 
+# json.loads recurses once per nesting level: past the interpreter's limit it raises RecursionError.
+_TOO_DEEP = "nested too deeply"
+
+
+def _lines(text: str) -> list[str]:
+    # Only CR/LF end a JSONL row. str.splitlines() also splits on U+2028, U+0085 and friends, which JSON
+    # allows raw inside strings: a valid row holding one would be cut in two invalid halves.
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def split_rows(data: bytes) -> list[tuple[int, Any]] | str:
     """(row number, parsed value) per row of a JSONL file or JSON array; a string says why it cannot be read."""
     try:
@@ -91,16 +104,27 @@ def split_rows(data: bytes) -> list[tuple[int, Any]] | str:
             rows = json.loads(text)
         except ValueError as exc:
             return f"invalid JSON array ({exc})"
+        except RecursionError:
+            return f"invalid JSON array ({_TOO_DEEP})"
         return list(enumerate(rows, start=1))
     parsed: list[tuple[int, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
             parsed.append((number, json.loads(line)))
         except ValueError as exc:
             parsed.append((number, _BadJson(str(exc))))
+        except RecursionError:
+            parsed.append((number, _BadJson(_TOO_DEEP)))
     return parsed
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list | dict):  # its repr could be huge, or recurse as deep as json.loads did
+        return f"of type {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_VALUE_CHARS else f"{text[:MAX_SHOWN_VALUE_CHARS]}... ({len(text)} chars)"
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,11 @@ def _string(value: Any, field: str, problems: _RowProblems, *, required: bool, a
         return ""
     if not allow_empty and not value.strip():
         problems.add(field, "must not be empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes decode to text no tokenizer can encode
+            problems.add(field, f"holds an unpaired UTF-16 surrogate {value[exc.start]!r} at character {exc.start}")
     return value
 
 
@@ -164,7 +193,7 @@ def _from_turns(
         raw_role = turn.get(role_key)
         role = roles.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            problems.add(f"{field}.{role_key}", f"unknown role {raw_role!r}; expected one of {sorted(roles)}")
+            problems.add(f"{field}.{role_key}", f"unknown role {_shown(raw_role)}; expected one of {sorted(roles)}")
             continue
         content = _string(
             turn.get(text_key), f"{field}.{text_key}", problems, required=True, allow_empty=role == "system"

@@ -17,6 +17,7 @@ from lorafleet_common.store.base import (
     StoreError,
     StoreUnavailable,
     normalize_key,
+    normalize_prefix,
 )
 from lorafleet_common.store.local import LocalStore
 from lorafleet_common.store.s3 import S3Store, make_client
@@ -31,6 +32,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "normalize_key",
+    "normalize_prefix",
     "open_store",
     "resolve_uri",
 ]

@@ -24,17 +24,45 @@ class StoreUnavailable(StoreError):
 
 
 class InvalidKey(StoreError):
-    """The key is empty, absolute or escapes the store's root."""
+    """The key is empty, absolute, escapes the store's root, or is longer than a store can hold."""
+
+
+# S3 keys are at most 1024 UTF-8 bytes; file names at most 255 on the usual filesystems. Refusing
+# longer keys here gives both backends the same InvalidKey, not an S3 error on one and OSError on the other.
+MAX_KEY_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
+
+
+def _shown(key: str) -> str:
+    return repr(key) if len(key) <= 80 else f"{key[:80]!r}... ({len(key)} characters)"
 
 
 def normalize_key(key: str) -> str:
-    """Return a canonical relative key, refusing absolute paths and '..'."""
+    """Return a canonical relative key, refusing absolute paths, '..' and over-long names."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
-        raise InvalidKey(f"invalid object key {key!r}")
+        raise InvalidKey(f"invalid object key {_shown(key)}")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate: no file or S3 name can hold it
+        raise InvalidKey(f"invalid object key {_shown(key)}: not valid Unicode") from exc
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
-        raise InvalidKey(f"invalid object key {key!r}")
+        raise InvalidKey(f"invalid object key {_shown(key)}")
+    if size > MAX_KEY_BYTES or any(len(p.encode("utf-8")) > MAX_SEGMENT_BYTES for p in parts):
+        raise InvalidKey(
+            f"object key {_shown(key)} is too long: at most {MAX_KEY_BYTES} bytes, {MAX_SEGMENT_BYTES} per '/' part"
+        )
     return posixpath.normpath(key)
+
+
+def normalize_prefix(prefix: str) -> str:
+    """A list() prefix as a folder key ("" for the whole store); the same rules as keys, trailing '/' optional."""
+    folder = prefix.rstrip("/")
+    if not folder:
+        if prefix:  # "/" alone is an absolute path, not "everything"
+            raise InvalidKey(f"invalid object prefix {prefix!r}")
+        return ""
+    return normalize_key(folder)
 
 
 class ObjectStore(Protocol):
@@ -61,7 +89,7 @@ class ObjectStore(Protocol):
         ...
 
     def list(self, prefix: str) -> list[str]:
-        """Keys under prefix (recursive), sorted."""
+        """Keys inside the folder ``prefix`` (recursive; "a" and "a/" list a/..., never "ab/..."), sorted."""
         ...
 
     def delete(self, key: str) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from lorafleet_common.store.base import ObjectNotFound, normalize_key
+from lorafleet_common.store.base import InvalidKey, ObjectNotFound, normalize_key, normalize_prefix
 
 
 class LocalStore:
@@ -26,9 +27,19 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFound(self.uri(key)) from exc
 
-    def put(self, key: str, data: bytes) -> None:
+    def _writable(self, key: str) -> Path:
+        """The key's path with its folders made; InvalidKey where a folder and a file would share a name."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:  # "a" is a file and the key is "a/b"
+            raise InvalidKey(f"object key {key!r} runs through an existing object in {self.root}") from exc
+        if path.is_dir():  # the key is "a" and "a/b" exists: S3 allows both, a folder cannot
+            raise InvalidKey(f"object key {key!r} is a folder of other objects in {self.root}")
+        return path
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._writable(key)
         # Write beside the target and rename: readers never see half a file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -47,8 +58,7 @@ class LocalStore:
         shutil.copyfile(src, dest)
 
     def upload(self, src: Path, key: str) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._writable(key)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         os.close(fd)
         try:
@@ -62,9 +72,9 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix.rstrip("/") if prefix else self.root
-        if base.is_file():
-            return [prefix]
+        # Normalized like a key: "/" or "../x" would otherwise walk (and name) files outside the root.
+        folder = normalize_prefix(prefix)
+        base = self.root / folder if folder else self.root
         if not base.is_dir():
             return []
         keys = [
@@ -75,7 +85,9 @@ class LocalStore:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        # A folder of other objects ("a" when "a/b" exists), or a path through a file, is no object: nothing to do.
+        with contextlib.suppress(IsADirectoryError, NotADirectoryError):
+            self._path(key).unlink(missing_ok=True)
 
     def uri(self, key: str) -> str:
         return (self.root / key).as_uri()

@@ -9,7 +9,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from lorafleet_common.store.base import ObjectNotFound, StoreUnavailable, normalize_key
+from lorafleet_common.store.base import ObjectNotFound, StoreUnavailable, normalize_key, normalize_prefix
 
 _MISSING = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 
@@ -91,9 +91,10 @@ class S3Store:
             raise StoreUnavailable(f"object store unreachable: {exc}") from exc
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix) if prefix else self.prefix
+        # S3 prefixes are plain string prefixes: end the folder with '/' so "files/t1" never lists "files/t10/...".
+        folder = "/".join(part for part in (self.prefix, normalize_prefix(prefix)) if part)
         try:
-            objs = self.client.list_objects(self.bucket, prefix=full or None, recursive=True)
+            objs = self.client.list_objects(self.bucket, prefix=f"{folder}/" if folder else None, recursive=True)
             return sorted(self._unprefix(o.object_name) for o in objs if o.object_name)
         except S3Error as exc:
             if exc.code == "NoSuchBucket":

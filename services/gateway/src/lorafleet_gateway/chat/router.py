@@ -12,6 +12,7 @@ from lorafleet_gateway.deps import GenerationDep
 from lorafleet_gateway.generation.aggregate import collect
 from lorafleet_gateway.generation.service import new_request_id, sampling_params
 from lorafleet_gateway.generation.sse import sse_response, unless_disconnected
+from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
 
 router = APIRouter(prefix="/v1", tags=["chat"])
@@ -26,7 +27,7 @@ def generate_request(body: ChatCompletionRequest, request_id: str) -> inference_
     )
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: GenerationDep, caller: CallerDep
 ) -> Response:

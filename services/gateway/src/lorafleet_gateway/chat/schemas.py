@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from lorafleet_gateway.generation.schemas import GenerationRequest
+from lorafleet_gateway.generation.schemas import UINT32_MAX, GenerationRequest
 from lorafleet_gateway.schemas import OpenAIRequest
 
 # "developer" is OpenAI's newer name for "system"; tool/function messages need tool support we do not have.
@@ -39,7 +39,7 @@ class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 

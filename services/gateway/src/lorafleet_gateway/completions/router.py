@@ -12,6 +12,7 @@ from lorafleet_gateway.deps import GenerationDep
 from lorafleet_gateway.generation.aggregate import collect
 from lorafleet_gateway.generation.service import new_request_id, sampling_params
 from lorafleet_gateway.generation.sse import sse_response, unless_disconnected
+from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
 
 router = APIRouter(prefix="/v1", tags=["completions"])
@@ -23,7 +24,7 @@ def generate_request(body: CompletionRequest, request_id: str) -> inference_pb2.
     )
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, request: Request, service: GenerationDep, caller: CallerDep
 ) -> Response:

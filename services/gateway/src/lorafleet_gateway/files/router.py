@@ -44,7 +44,11 @@ async def retrieve_file(file_id: str, files: FilesDep, caller: CallerDep) -> Fil
     return await files.get(caller.tenant, file_id)
 
 
-@router.get("/files/{file_id}/content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=Response,
+    responses={200: {"description": "The file's bytes, as uploaded.", "content": {"application/octet-stream": {}}}},
+)
 async def file_content(file_id: str, files: FilesDep, caller: CallerDep) -> Response:
     """Download an uploaded file's bytes."""
     return Response(await files.content(caller.tenant, file_id), media_type="application/octet-stream")

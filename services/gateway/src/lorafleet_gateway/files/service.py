@@ -39,32 +39,51 @@ def _object_key(tenant: str, file_id: str) -> str:
     return f"{files_prefix(tenant)}{file_id}.json"
 
 
-def _check_jsonl(src: IO[bytes], dest: IO[bytes]) -> int:
-    """Copy src to dest, checking every non-blank line is a JSON object. Returns the byte count."""
+def _invalid(message: str) -> InvalidRequest:
+    return InvalidRequest(f"Invalid file format: {message}", param="file")
+
+
+def _check_jsonl(src: IO[bytes], dest: IO[bytes], max_line_bytes: int) -> int:
+    """Copy src to dest, checking every non-blank line is a JSON object. Returns the byte count.
+
+    Lines are read at most ``max_line_bytes`` at a time, so one huge line (a file with no newline)
+    is refused without being held in memory. Text must be UTF-8 (a BOM before the first line is
+    allowed, as the trainer allows it).
+    """
     size = 0
     rows = 0
-    for number, line in enumerate(src, start=1):
+    number = 0
+    while line := src.readline(max_line_bytes + 1):
+        number += 1
+        if len(line.rstrip(b"\r\n")) > max_line_bytes:
+            raise _invalid(f"line {number} is longer than this server's limit of {max_line_bytes} bytes")
         dest.write(line)
         size += len(line)
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"Invalid file format: line {number} is not valid JSON ({exc})", param="file") from exc
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            row = json.loads(text)
+        except UnicodeDecodeError as exc:
+            raise _invalid(f"line {number} is not UTF-8 text ({exc})") from exc
+        except ValueError as exc:
+            raise _invalid(f"line {number} is not valid JSON ({exc})") from exc
+        except RecursionError:  # json.loads recurses once per nesting level
+            raise _invalid(f"line {number} is nested too deeply") from None
         if not isinstance(row, dict):
-            raise InvalidRequest(f"Invalid file format: line {number} is not a JSON object", param="file")
+            raise _invalid(f"line {number} is not a JSON object")
         rows += 1
     if rows == 0:
-        raise InvalidRequest("Invalid file format: the file has no JSONL rows", param="file")
+        raise _invalid("the file has no JSONL rows")
     return size
 
 
 class FileService:
     """Owns /v1/files."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, max_line_bytes: int) -> None:
         self._store = store
+        self._max_line_bytes = max_line_bytes
 
     async def create(self, tenant: str, src: IO[bytes], filename: str, purpose: str) -> FileObject:
         if purpose != FINE_TUNE_PURPOSE:
@@ -76,7 +95,7 @@ class FileService:
         with tempfile.TemporaryDirectory(prefix="lorafleet-upload-") as tmp:
             staged = Path(tmp) / "data.jsonl"
             with staged.open("wb") as dest:
-                size = _check_jsonl(src, dest)
+                size = _check_jsonl(src, dest, self._max_line_bytes)
             file = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename or "upload.jsonl")
             try:
                 self._store.upload(staged, data_key(tenant, file_id))

@@ -24,6 +24,7 @@ def sampling_params(body: GenerationRequest, *, logprobs: int | None) -> inferen
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         n=body.n,
+        ignore_eos=body.ignore_eos,
     )
     if body.temperature is not None:
         params.temperature = body.temperature

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&lorafleet/inference/v1/inference.proto\x12\x16lorafleet.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfa\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\t\n\x01n\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xbe\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x04\x63hat\x18\x04 \x01(\x0b\x32!.lorafleet.inference.v1.ChatInputH\x00\x12\x38\n\x08sampling\x18\x05 \x01(\x0b\x32&.lorafleet.inference.v1.SamplingParamsB\x07\n\x05input\"B\n\tChatInput\x12\x35\n\x08messages\x18\x01 \x03(\x0b\x32#.lorafleet.inference.v1.ChatMessage\"_\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x03top\x18\x03 \x03(\x0b\x32\".lorafleet.inference.v1.TopLogprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd7\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x36\n\x08logprobs\x18\x05 \x03(\x0b\x32$.lorafleet.inference.v1.TokenLogprob\x12,\n\x05usage\x18\x06 \x01(\x0b\x32\x1d.lorafleet.inference.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"+\n\x15UnloadAdapterResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\"\x95\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x15\n\rsystem_prompt\x18\x08 \x01(\t\"\x15\n\x13ListAdaptersRequest\"M\n\x14ListAdaptersResponse\x12\x35\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32#.lorafleet.inference.v1.AdapterInfo\"\x0e\n\x0cStatsRequest\"\xcc\x01\n\rStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x17\n\x0floaded_adapters\x18\x03 \x03(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x14\n\x0cgpu_adapters\x18\x06 \x03(\t\x12\x15\n\rdisk_adapters\x18\x07 \x03(\t\x12\x11\n\tmax_loras\x18\x08 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\t \x01(\r2\xff\x03\n\x10InferenceService\x12\\\n\x08Generate\x12\'.lorafleet.inference.v1.GenerateRequest\x1a%.lorafleet.inference.v1.GenerateChunk0\x01\x12^\n\x0bLoadAdapter\x12*.lorafleet.inference.v1.LoadAdapterRequest\x1a#.lorafleet.inference.v1.AdapterInfo\x12l\n\rUnloadAdapter\x12,.lorafleet.inference.v1.UnloadAdapterRequest\x1a-.lorafleet.inference.v1.UnloadAdapterResponse\x12i\n\x0cListAdapters\x12+.lorafleet.inference.v1.ListAdaptersRequest\x1a,.lorafleet.inference.v1.ListAdaptersResponse\x12T\n\x05Stats\x12$.lorafleet.inference.v1.StatsRequest\x1a%.lorafleet.inference.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&lorafleet/inference/v1/inference.proto\x12\x16lorafleet.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8e\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\t\n\x01n\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xbe\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x04\x63hat\x18\x04 \x01(\x0b\x32!.lorafleet.inference.v1.ChatInputH\x00\x12\x38\n\x08sampling\x18\x05 \x01(\x0b\x32&.lorafleet.inference.v1.SamplingParamsB\x07\n\x05input\"B\n\tChatInput\x12\x35\n\x08messages\x18\x01 \x03(\x0b\x32#.lorafleet.inference.v1.ChatMessage\"_\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x03top\x18\x03 \x03(\x0b\x32\".lorafleet.inference.v1.TopLogprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd7\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x36\n\x08logprobs\x18\x05 \x03(\x0b\x32$.lorafleet.inference.v1.TokenLogprob\x12,\n\x05usage\x18\x06 \x01(\x0b\x32\x1d.lorafleet.inference.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"+\n\x15UnloadAdapterResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\"\x95\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x15\n\rsystem_prompt\x18\x08 \x01(\t\"\x15\n\x13ListAdaptersRequest\"M\n\x14ListAdaptersResponse\x12\x35\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32#.lorafleet.inference.v1.AdapterInfo\"\x0e\n\x0cStatsRequest\"\xcc\x01\n\rStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x17\n\x0floaded_adapters\x18\x03 \x03(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x14\n\x0cgpu_adapters\x18\x06 \x03(\t\x12\x15\n\rdisk_adapters\x18\x07 \x03(\t\x12\x11\n\tmax_loras\x18\x08 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\t \x01(\r2\xff\x03\n\x10InferenceService\x12\\\n\x08Generate\x12\'.lorafleet.inference.v1.GenerateRequest\x1a%.lorafleet.inference.v1.GenerateChunk0\x01\x12^\n\x0bLoadAdapter\x12*.lorafleet.inference.v1.LoadAdapterRequest\x1a#.lorafleet.inference.v1.AdapterInfo\x12l\n\rUnloadAdapter\x12,.lorafleet.inference.v1.UnloadAdapterRequest\x1a-.lorafleet.inference.v1.UnloadAdapterResponse\x12i\n\x0cListAdapters\x12+.lorafleet.inference.v1.ListAdaptersRequest\x1a,.lorafleet.inference.v1.ListAdaptersResponse\x12T\n\x05Stats\x12$.lorafleet.inference.v1.StatsRequest\x1a%.lorafleet.inference.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=66
   _globals['_CHATMESSAGE']._serialized_end=110
   _globals['_SAMPLINGPARAMS']._serialized_start=113
-  _globals['_SAMPLINGPARAMS']._serialized_end=363
-  _globals['_GENERATEREQUEST']._serialized_start=366
-  _globals['_GENERATEREQUEST']._serialized_end=556
-  _globals['_CHATINPUT']._serialized_start=558
-  _globals['_CHATINPUT']._serialized_end=624
-  _globals['_TOKENLOGPROB']._serialized_start=626
-  _globals['_TOKENLOGPROB']._serialized_end=721
-  _globals['_TOPLOGPROB']._serialized_start=723
-  _globals['_TOPLOGPROB']._serialized_end=767
-  _globals['_USAGE']._serialized_start=769
-  _globals['_USAGE']._serialized_end=826
-  _globals['_GENERATECHUNK']._serialized_start=829
-  _globals['_GENERATECHUNK']._serialized_end=1044
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1046
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1096
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1098
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1137
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1139
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1182
-  _globals['_ADAPTERINFO']._serialized_start=1185
-  _globals['_ADAPTERINFO']._serialized_end=1334
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1336
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1357
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1359
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1436
-  _globals['_STATSREQUEST']._serialized_start=1438
-  _globals['_STATSREQUEST']._serialized_end=1452
-  _globals['_STATSRESPONSE']._serialized_start=1455
-  _globals['_STATSRESPONSE']._serialized_end=1659
-  _globals['_INFERENCESERVICE']._serialized_start=1662
-  _globals['_INFERENCESERVICE']._serialized_end=2173
+  _globals['_SAMPLINGPARAMS']._serialized_end=383
+  _globals['_GENERATEREQUEST']._serialized_start=386
+  _globals['_GENERATEREQUEST']._serialized_end=576
+  _globals['_CHATINPUT']._serialized_start=578
+  _globals['_CHATINPUT']._serialized_end=644
+  _globals['_TOKENLOGPROB']._serialized_start=646
+  _globals['_TOKENLOGPROB']._serialized_end=741
+  _globals['_TOPLOGPROB']._serialized_start=743
+  _globals['_TOPLOGPROB']._serialized_end=787
+  _globals['_USAGE']._serialized_start=789
+  _globals['_USAGE']._serialized_end=846
+  _globals['_GENERATECHUNK']._serialized_start=849
+  _globals['_GENERATECHUNK']._serialized_end=1064
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1066
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1116
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1118
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1157
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1159
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1202
+  _globals['_ADAPTERINFO']._serialized_start=1205
+  _globals['_ADAPTERINFO']._serialized_end=1354
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1356
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1377
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1379
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1456
+  _globals['_STATSREQUEST']._serialized_start=1458
+  _globals['_STATSREQUEST']._serialized_end=1472
+  _globals['_STATSRESPONSE']._serialized_start=1475
+  _globals['_STATSRESPONSE']._serialized_end=1679
+  _globals['_INFERENCESERVICE']._serialized_start=1682
+  _globals['_INFERENCESERVICE']._serialized_end=2193
 # @@protoc_insertion_point(module_scope)
