@@ -41,9 +41,13 @@ class TemplateError(ValueError):
 
 
 def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -> list[dict[str, str]]:
-    """Chat-template messages; the row's own system turn wins over the manifest's prompt."""
+    """Chat-template messages; the row's own system turn wins over the manifest's prompt.
+
+    An empty prompt counts as none, as in the inference service's rendering: both then leave the
+    template's default in place (Qwen2.5 injects its own), so training and serving match.
+    """
     rendered = [{"role": m.role, "content": m.content} for m in messages]
-    if system_prompt is not None and (not rendered or rendered[0]["role"] != "system"):
+    if system_prompt and (not rendered or rendered[0]["role"] != "system"):
         rendered.insert(0, {"role": "system", "content": system_prompt})
     return rendered
 
