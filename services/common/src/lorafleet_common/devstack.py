@@ -24,6 +24,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lorafleet_common.grpc_tls import GrpcTls, GrpcTlsError, open_channel, tls_from_env
+
 SERVICES = ("trainer", "inference", "gateway")
 
 
@@ -97,6 +99,8 @@ class LocalStack:
                 "LORAFLEET_INFERENCE_METRICS_PORT": str(cfg.inference_metrics_port),
                 "LORAFLEET_TRAINER_GRPC_PORT": str(cfg.trainer_port),
                 "LORAFLEET_TRAINER_METRICS_PORT": str(cfg.trainer_metrics_port),
+                # A published adapter is loaded into the local replica at once: the first request finds it warm.
+                "LORAFLEET_TRAINER_NOTIFY_INFERENCE": f"127.0.0.1:{cfg.inference_port}",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -137,18 +141,23 @@ class LocalStack:
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         pending = set(SERVICES)
+        # The services' own LORAFLEET_GRPC_TLS_*: when their ports require mTLS, the probe presents that cert too.
+        try:
+            tls = tls_from_env(self._env())
+        except GrpcTlsError as exc:
+            raise StackError(str(exc)) from exc
         while pending:
             for service in sorted(pending):
                 if not self.pid(service):
                     raise StackError(f"{service} exited during start-up:\n{self.log_tail(service)}")
-                if self._ready(service):
+                if self._ready(service, tls):
                     pending.discard(service)
             if pending and time.monotonic() > deadline:
                 raise StackError(f"not ready after {timeout_s:.0f} s: {', '.join(sorted(pending))}")
             if pending:
                 time.sleep(0.5)
 
-    def _ready(self, service: str) -> bool:
+    def _ready(self, service: str, tls: GrpcTls | None = None) -> bool:
         if service == "gateway":
             try:
                 with urllib.request.urlopen(f"{self.config.gateway_url}/ready", timeout=2) as resp:
@@ -156,7 +165,7 @@ class LocalStack:
             except (urllib.error.URLError, OSError):
                 return False
         port = self.config.trainer_port if service == "trainer" else self.config.inference_port
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with open_channel(f"127.0.0.1:{port}", tls) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             except grpc.RpcError:

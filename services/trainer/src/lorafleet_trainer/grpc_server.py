@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lorafleet.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from lorafleet_common.grpc_tls import GrpcTls, add_port
 from lorafleet_trainer.errors import TrainerError, grpc_status
 from lorafleet_trainer.jobstore import EventRecord, JobRecord
 from lorafleet_trainer.service import TrainerService
@@ -61,6 +62,7 @@ def event_to_proto(event: EventRecord) -> trainer_pb2.JobEvent:
                 tokens_per_second=p.get("tokens_per_second", 0.0),
                 eta_seconds=p.get("eta_seconds", 0.0),
                 peak_memory_bytes=int(p.get("peak_memory_bytes", 0)),
+                eval_loss=p.get("eval_loss"),  # unset unless the step evaluated the validation rows
             )
         )
     return message
@@ -116,14 +118,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 
 class TrainerGrpcServer:
-    """grpc.aio server with the trainer and health services; NOT_SERVING until ``set_serving(True)``."""
+    """grpc.aio server with the trainer and health services; NOT_SERVING until ``set_serving(True)``.
 
-    def __init__(self, service: TrainerService, host: str, port: int) -> None:
+    With ``tls`` the port requires mTLS: only clients with a certificate the CA bundle signed get in.
+    """
+
+    def __init__(self, service: TrainerService, host: str, port: int, tls: GrpcTls | None = None) -> None:
         self.server = grpc.aio.server()
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(service), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = add_port(self.server, f"{host}:{port}", tls)
         if self.port == 0:
             raise OSError(f"cannot bind the trainer gRPC server to {host}:{port}")
 

@@ -10,7 +10,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafleet_common.adapters import check_adapter_config
 from lorafleet_common.names import InvalidName, validate_adapter_name
@@ -18,12 +18,26 @@ from lorafleet_common.names import InvalidName, validate_adapter_name
 DatasetFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
 
 
+# The message travels as a gRPC status detail (metadata, a few KiB at most): a manifest with a
+# million unknown keys, or a 10 MB adapter name, must still give a short one. ``problems`` keeps all.
+MAX_PROBLEMS_IN_MESSAGE = 20
+MAX_PROBLEM_CHARS = 300
+
+
+def _clip(text: str, limit: int) -> str:
+    text = text if len(text) <= limit else f"{text[: limit - 3]}..."
+    # A JSON "\ud800" escape decodes to a lone surrogate, which gRPC cannot encode: spell it out instead.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ManifestError(ValueError):
     """The manifest cannot be used; ``problems`` lists every reason with its field path."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__("invalid manifest: " + "; ".join(problems))
+        shown = "; ".join(_clip(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS_IN_MESSAGE])
+        more = len(problems) - MAX_PROBLEMS_IN_MESSAGE
+        super().__init__(f"invalid manifest: {shown}" + (f"; and {more} more" if more > 0 else ""))
 
 
 class DatasetSpec(BaseModel):
@@ -49,6 +63,10 @@ class LoraSpec(BaseModel):
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear",
         description="'all-linear' (every linear layer but lm_head) or a list of module names such as q_proj.",
+    )
+    quantization: Literal["none", "nf4"] = Field(
+        default="none",
+        description="'nf4' loads the frozen base in 4-bit NF4 (QLoRA, bitsandbytes, bf16 compute); needs a CUDA GPU.",
     )
 
     @field_validator("target_modules")
@@ -91,6 +109,60 @@ class TrainingSpec(BaseModel):
         default=1.0, gt=0, description="Clip the gradient norm to this value; null disables clipping."
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for sampling, shuffling and LoRA init.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several rows into each sequence of up to max_length tokens (no attention across rows); "
+        "batch_size then counts packed sequences.",
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations in the backward pass (less memory, ~30% more compute); "
+        "null = on with a CUDA GPU, off on CPU.",
+    )
+    checkpoint_every_steps: int = Field(
+        default=50,
+        ge=0,
+        description="Save a resumable checkpoint every N optimizer steps; 0 = no step-based checkpoints.",
+    )
+    checkpoint_every_minutes: float = Field(
+        default=15.0,
+        ge=0,
+        description="Save a resumable checkpoint when this many minutes passed since the last one; 0 = off.",
+    )
+
+
+class ValidationSpec(BaseModel):
+    """Held-out rows whose mean next-token loss (``eval_loss``) is reported while training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[DatasetSpec] | None = Field(
+        default=None, description="Validation files (same form as datasets); exclusive with split."
+    )
+    split: float | None = Field(
+        default=None,
+        gt=0,
+        lt=0.5,
+        description="Hold out this share of the training rows (seeded) instead; exclusive with datasets.",
+    )
+    every_steps: int = Field(
+        default=0, ge=0, description="Evaluate every N optimizer steps; 0 = at the end of each epoch only."
+    )
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _short_forms(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [parse_dataset_short_form(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValidationSpec:
+        if (self.datasets is None) == (self.split is None):
+            raise ValueError("give exactly one of datasets and split")
+        if self.datasets is not None and not self.datasets:
+            raise ValueError("datasets must not be empty")
+        return self
 
 
 class JobManifest(BaseModel):
@@ -106,6 +178,9 @@ class JobManifest(BaseModel):
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    validation: ValidationSpec | None = Field(
+        default=None, description="Held-out rows to report an eval_loss on; null = no evaluation."
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels copied onto the job.")
 
     @field_validator("adapter_name")
@@ -127,7 +202,7 @@ class JobManifest(BaseModel):
 def parse_dataset_short_form(text: str) -> dict[str, Any]:
     """``"uri"`` or ``"uri#N"`` (ms-swift style) → a DatasetSpec mapping."""
     uri, sep, count = text.rpartition("#")
-    if not sep or not count.isdigit():
+    if not sep or not (count.isascii() and count.isdigit()):  # int() refuses some isdigit() digits ('²')
         return {"uri": text}  # no '#N' suffix: a '#' elsewhere belongs to the name
     return {"uri": uri, "samples": int(count)}  # the DatasetSpec checks report a bad uri or N with their path
 
@@ -161,7 +236,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         elif part in ("list[str]", "literal['all-linear']"):
             continue  # union member tags say nothing useful to the caller
         else:
-            path += f".{part}" if path else str(part)
+            name = _clip(str(part), 64)  # an unknown key may be any YAML scalar, of any length
+            path += f".{name}" if path else name
     return path or "manifest"
 
 
@@ -177,6 +253,21 @@ def _dedupe(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _load_json_or_yaml(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError([f"manifest: neither valid JSON nor YAML: {exc}"]) from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML's scalar constructors raise these for values its resolver accepted: a 2001-13-45 date,
+        # an integer of more digits than Python converts.
+        raise ManifestError([f"manifest: invalid YAML value: {exc}"]) from exc
+
+
 def parse_manifest(data: bytes, *, max_lora_rank: int) -> JobManifest:
     """Parse and validate manifest bytes (YAML or JSON); ManifestError lists every problem."""
     try:
@@ -184,12 +275,9 @@ def parse_manifest(data: bytes, *, max_lora_rank: int) -> JobManifest:
     except UnicodeDecodeError as exc:
         raise ManifestError([f"manifest: not UTF-8 text ({exc})"]) from exc
     try:
-        raw = json.loads(text)
-    except ValueError:
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ManifestError([f"manifest: neither valid JSON nor YAML: {exc}"]) from exc
+        raw = _load_json_or_yaml(text)
+    except RecursionError:  # json and yaml both recurse once per nesting level
+        raise ManifestError(["manifest: nested too deeply"]) from None
     if not isinstance(raw, dict):
         raise ManifestError([f"manifest: must be a mapping, got {type(raw).__name__}"])
     try:

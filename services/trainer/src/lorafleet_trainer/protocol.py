@@ -19,7 +19,7 @@ from lorafleet_common.store import S3Config
 SPEC_FILE = "spec.json"
 LOG_FILE = "worker.log"
 
-WorkerEventKind = Literal["state", "progress", "log", "publishing", "published", "failed"]
+WorkerEventKind = Literal["state", "progress", "checkpoint", "log", "publishing", "published", "failed"]
 
 
 class S3Settings(BaseModel):
@@ -47,6 +47,7 @@ class WorkerSpec(BaseModel):
     torch_threads: int = 0
     hub_download: bool = False
     serving_max_lora_rank: int = 16
+    checkpoint_keep: int = 2
 
 
 class WorkerEvent(BaseModel):
@@ -57,6 +58,9 @@ class WorkerEvent(BaseModel):
     state: Literal["RUNNING"] | None = None
     progress: dict[str, float] | None = None
     total_steps: int | None = None
+    # "checkpoint": the step it holds; "state" RUNNING: the step a resumed run starts after (0: from scratch).
+    step: int | None = None
+    checkpoint_uri: str | None = None
     trained_tokens: int | None = None
     adapter_uri: str | None = None
     error: str | None = None

@@ -2,7 +2,9 @@
 
 The worker is started in a new session so a cancel or shutdown can signal its
 whole process group. Its JSON-line events become job events in the database;
-watchers are woken through ``EventBus``.
+watchers are woken through ``EventBus``. A job re-queued mid-run resumes from
+its latest checkpoint (the worker looks for one); a job's checkpoints are
+deleted once it reaches a final state, whichever it is: nothing can resume it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet_common.store import ObjectStore, StoreError
+from lorafleet_trainer.checkpoint import discard_checkpoints
 from lorafleet_trainer.eventbus import EventBus
 from lorafleet_trainer.jobstore import EventRecord, JobRecord, JobState, JobStore
 from lorafleet_trainer.metrics import TrainerMetrics
+from lorafleet_trainer.notify import preload_adapter
 from lorafleet_trainer.protocol import (
     LOG_FILE,
     SPEC_FILE,
@@ -52,9 +57,10 @@ class RunningJob:
 
 
 class Scheduler:
-    def __init__(self, settings: TrainerSettings, jobs: JobStore, metrics: TrainerMetrics) -> None:
+    def __init__(self, settings: TrainerSettings, jobs: JobStore, metrics: TrainerMetrics, store: ObjectStore) -> None:
         self.settings = settings
         self.jobs = jobs
+        self.store = store
         self.metrics = metrics
         self.bus = EventBus()
         self.work_dir = settings.resolved_work_dir()
@@ -66,13 +72,24 @@ class Scheduler:
     async def record(self, job_id: str, kind: str, state: JobState, message: str, **kwargs: Any) -> EventRecord | None:
         event = await asyncio.to_thread(self.jobs.append_event, job_id, kind, state, message, **kwargs)
         if event is not None:
+            if state.final:  # before watchers hear of the end: they may look at the store next
+                await self._discard_checkpoints(job_id)
             await self.bus.publish()
             if kind in ("state", "published"):
                 self.metrics.set_job_counts(await asyncio.to_thread(self.jobs.count_by_state))
         return event
 
+    async def _discard_checkpoints(self, job_id: str) -> None:
+        """Best effort: a leftover checkpoint only takes space, it is never resumed (the job is final)."""
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(discard_checkpoints, self.store, job_id), self.settings.store_call_timeout_s
+            )
+        except (StoreError, OSError, TimeoutError) as exc:
+            log.warning("job %s: its checkpoints could not be deleted: %s", job_id, exc)
+
     async def recover(self) -> None:
-        """Jobs a previous process left mid-run go back to the queue (they restart from scratch)."""
+        """Jobs a previous process left mid-run go back to the queue (they resume from their latest checkpoint)."""
         for job in await asyncio.to_thread(self.jobs.in_states, *ACTIVE):
             await self.record(
                 job.id,
@@ -159,6 +176,7 @@ class Scheduler:
             torch_threads=s.torch_threads,
             hub_download=s.hub_download,
             serving_max_lora_rank=s.serving_max_lora_rank,
+            checkpoint_keep=s.checkpoint_keep,
         )
 
     async def _supervise(self, job: JobRecord, run: RunningJob) -> None:
@@ -187,6 +205,7 @@ class Scheduler:
         (job_dir / SPEC_FILE).unlink(missing_ok=True)  # it holds the S3 secret
         shutil.rmtree(job_dir / "adapter", ignore_errors=True)  # the store has it now (or it is incomplete)
         if run.published:
+            await self._notify_inference(job)
             return
         if run.error:  # the worker reported why it failed before anyone asked it to stop
             await self._finish(run, JobState.FAILED, run.error)
@@ -201,7 +220,8 @@ class Scheduler:
     async def _on_worker_event(self, job_id: str, run: RunningJob, event: WorkerEvent) -> None:
         if event.kind == "state" and event.state == "RUNNING":
             run.state = JobState.RUNNING
-            await self.record(job_id, "state", run.state, event.message, total_steps=event.total_steps or 0)
+            changes = {"total_steps": event.total_steps or 0, "step": event.step or 0}  # step: where it resumed
+            await self.record(job_id, "state", run.state, event.message, **changes)
         elif event.kind == "progress" and event.progress:
             p = event.progress
             self.metrics.step(p.get("tokens_per_second", 0.0), p.get("loss", 0.0))
@@ -216,6 +236,8 @@ class Scheduler:
                 loss=float(p.get("loss", 0.0)),
                 trained_tokens=event.trained_tokens or 0,
             )
+        elif event.kind == "checkpoint" and event.progress:
+            await self.record(job_id, "checkpoint", run.state, event.message, progress=event.progress)
         elif event.kind == "publishing":
             run.publishing = True
             await self.record(job_id, "log", run.state, event.message)
@@ -234,6 +256,30 @@ class Scheduler:
             run.error = event.error or "the worker reported a failure without a reason"
         elif event.kind == "log":
             await self.record(job_id, "log", run.state, event.message)
+
+    async def _notify_inference(self, job: JobRecord) -> None:
+        """Best effort: ask the configured inference replicas to load the adapter just published."""
+        targets = self.settings.notify_inference
+        if not targets:
+            return
+        name = job.adapter_name
+        timeout = self.settings.notify_timeout_s
+        try:
+            results = await preload_adapter(targets, name, job.id, timeout, self.settings.grpc_tls())
+            for result in results:
+                if result.error is None:
+                    message = f"preloaded on {result.target}"
+                else:
+                    message = f"warning: {name}@{job.id} could not be preloaded on {result.target}: {result.error}"
+                await self._note(job.id, message)
+        except Exception:  # the job succeeded: nothing here may change that
+            log.exception("job %s: telling the inference replicas failed", job.id)
+
+    async def _note(self, job_id: str, message: str) -> None:
+        """A "log" event on a job that already succeeded (``record`` would discard checkpoints again)."""
+        event = await asyncio.to_thread(self.jobs.append_event, job_id, "log", JobState.SUCCEEDED, message)
+        if event is not None:
+            await self.bus.publish()
 
     async def _finish(self, run: RunningJob, state: JobState, message: str) -> None:
         changes: dict[str, Any] = {"finished_at": time.time()} if state.final else {"step": 0}

@@ -31,7 +31,7 @@ class TrainerService:
         self.store = store
         self.jobs = jobs
         self.metrics = metrics
-        self.scheduler = Scheduler(settings, jobs, metrics)
+        self.scheduler = Scheduler(settings, jobs, metrics, store)
         self.accepting = False
 
     async def start(self) -> None:

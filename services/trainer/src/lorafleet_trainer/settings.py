@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from lorafleet_common.settings import CommonSettings
 
@@ -37,6 +39,20 @@ class TrainerSettings(CommonSettings):
         default=False,
         description="Let the worker download a base model from the Hugging Face hub when it is not cached locally.",
     )
+    checkpoint_keep: int = Field(
+        default=2,
+        ge=1,
+        description="Resumable checkpoints kept per running job (the newest); all are deleted when the job ends.",
+    )
+    notify_inference: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='Inference replicas told to load each adapter the trainer publishes: "host:port" or '
+        '"dns:///name:port" (every address the name resolves to); a comma-separated string or a JSON list in the '
+        "env. Best effort: a failure is a warning event on the job, never a failed job. Empty: nobody is told.",
+    )
+    notify_timeout_s: float = Field(
+        default=30.0, gt=0, description="Deadline of one LoadAdapter call made to an inference replica."
+    )
     job_poll_interval_s: float = Field(
         default=2.0, gt=0, description="How often the scheduler re-checks the queue when nothing woke it."
     )
@@ -47,6 +63,25 @@ class TrainerSettings(CommonSettings):
     store_call_timeout_s: float = Field(
         default=30.0, gt=0, description="Upper bound on one object-store or database call made by the service."
     )
+
+    @field_validator("notify_inference", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("notify_inference")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            host, sep, port = target.removeprefix("dns:///").rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f'inference target {target!r} must be "host:port" or "dns:///name:port"')
+        return value
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'trainer.db').resolve()}"

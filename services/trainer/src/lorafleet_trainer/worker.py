@@ -19,8 +19,20 @@ from typing import Any
 from lorafleet_common.adapters import publish_adapter
 from lorafleet_common.embedded_model import resolve_base_model
 from lorafleet_common.logs import configure_logging
-from lorafleet_common.store import open_store
-from lorafleet_trainer.datasets import DatasetError, load_training_examples
+from lorafleet_common.store import ObjectStore, StoreError, open_store
+from lorafleet_trainer.checkpoint import (
+    Checkpoint,
+    CheckpointUnusable,
+    LoopState,
+    adapter_weights,
+    data_fingerprint,
+    discard_checkpoints,
+    load_latest_checkpoint,
+    restore_adapter,
+    save_checkpoint,
+)
+from lorafleet_trainer.datasets import DatasetError, Example, load_training_examples
+from lorafleet_trainer.evaluate import split_validation
 from lorafleet_trainer.manifest import JobManifest
 from lorafleet_trainer.protocol import SPEC_FILE, EventWriter, WorkerEvent, WorkerSpec, read_spec
 
@@ -52,26 +64,91 @@ def _resolve_model(spec: WorkerSpec, manifest: JobManifest) -> str:
     return resolved
 
 
+def _drop_checkpoints(store: ObjectStore, job_id: str, events: EventWriter, reason: str) -> None:
+    events.log(f"warning: not resuming from the checkpoint, training from the start: {reason}")
+    discard_checkpoints(store, job_id)
+
+
+def _find_checkpoint(
+    store: ObjectStore, job_id: str, fingerprint: str, total: int, events: EventWriter
+) -> Checkpoint | None:
+    """The job's latest checkpoint when it can be resumed; otherwise None (any leftovers are deleted)."""
+    try:
+        checkpoint = load_latest_checkpoint(store, job_id)
+    except CheckpointUnusable as exc:
+        _drop_checkpoints(store, job_id, events, str(exc))
+        return None
+    if checkpoint is None:
+        return None
+    if checkpoint.fingerprint != fingerprint:
+        reason = "it was made from other data or another manifest (dataset files changed?)"
+        _drop_checkpoints(store, job_id, events, reason)
+        return None
+    if not 0 < checkpoint.loop.step < total:
+        _drop_checkpoints(store, job_id, events, f"its step {checkpoint.loop.step} is outside 1..{total - 1}")
+        return None
+    return checkpoint
+
+
+def _check_quantization(manifest: JobManifest) -> None:
+    """Refuse a QLoRA job this machine cannot run before reading any dataset or model."""
+    if manifest.lora.quantization == "none":
+        return
+    from lorafleet_trainer import train_loop
+
+    problem = train_loop.quantization_problem(manifest.lora, train_loop.pick_device())
+    if problem:
+        raise JobFailed(problem)
+
+
+def _load_rows(
+    specs: list[Any], store: ObjectStore, spec: WorkerSpec, seed: int, events: EventWriter, what: str
+) -> tuple[list[Example], list[Any]]:
+    """Read and check ``what`` datasets; every bad row is logged with its file, row and field."""
+    try:
+        return load_training_examples(specs, store, spec.s3.config(), seed)
+    except DatasetError as exc:
+        for problem in exc.problems[:100]:
+            events.log(problem)
+        raise JobFailed(f"{what} data: {exc}" if what != "training" else str(exc)) from exc
+
+
+def _validation_rows(
+    manifest: JobManifest, examples: list[Example], store: ObjectStore, spec: WorkerSpec, events: EventWriter
+) -> tuple[list[Example], list[Example]]:
+    """(training rows, validation rows) as the manifest's ``validation`` section asks (none: no validation)."""
+    validation = manifest.validation
+    if validation is None:
+        return examples, []
+    if validation.split is not None:
+        train, held = split_validation(examples, validation.split, manifest.training.seed)
+        events.log(f"validation: {len(held)} of {len(examples)} training rows held out (split {validation.split})")
+        return train, held
+    assert validation.datasets is not None  # the manifest checks that one of the two is given
+    held, reports = _load_rows(validation.datasets, store, spec, manifest.training.seed, events, "validation")
+    for report in reports:
+        events.log(f"validation dataset {report.uri}: {report.rows} rows, {report.used} used")
+    return examples, held
+
+
 def run_job(job_dir: Path, events: EventWriter) -> None:
     spec = read_spec(job_dir)
     (job_dir / SPEC_FILE).unlink(missing_ok=True)  # it holds the S3 secret: keep it on disk no longer than needed
     manifest = JobManifest.model_validate(spec.manifest)
+    _check_quantization(manifest)
     store = open_store(spec.store_url, spec.s3.config())
     events.log(f"reading {len(manifest.datasets)} dataset(s)")
-    try:
-        examples, reports = load_training_examples(manifest.datasets, store, spec.s3.config(), manifest.training.seed)
-    except DatasetError as exc:
-        for problem in exc.problems[:100]:
-            events.log(problem)
-        raise JobFailed(str(exc)) from exc
+    examples, reports = _load_rows(manifest.datasets, store, spec, manifest.training.seed, events, "training")
     for report in reports:
         events.log(f"dataset {report.uri}: {report.rows} rows, {report.used} used (sha256 {report.sha256[:12]})")
+    examples, validation_examples = _validation_rows(manifest, examples, store, spec, events)
     model_path = _resolve_model(spec, manifest)
 
     import torch
     from transformers import AutoTokenizer
 
     from lorafleet_trainer import train_loop
+    from lorafleet_trainer.evaluate import eval_loss, evaluation_due
     from lorafleet_trainer.publish import build_metadata, save_adapter, write_training_log
     from lorafleet_trainer.tokenize import ChatTokenizer, TemplateError
 
@@ -93,31 +170,98 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
         events.log(f"warning: dropped {encoded.nothing_to_train} rows with no trainable assistant turn")
     if not encoded.examples:
         raise JobFailed(f"no rows left to train on: all {len(examples)} rows were dropped (see the warnings)")
+    held_out = chat.encode_all(validation_examples, manifest.system_prompt, manifest.training.max_length).examples
+    if validation_examples and not held_out:
+        raise JobFailed(
+            f"no validation rows left: all {len(validation_examples)} were too long or had nothing to train"
+        )
+    if len(held_out) < len(validation_examples):
+        events.log(f"warning: dropped {len(validation_examples) - len(held_out)} validation rows (too long or empty)")
 
     device = train_loop.pick_device()
-    total = train_loop.total_steps(len(encoded.examples), manifest.training)
+    total = train_loop.total_steps([len(e.input_ids) for e in encoded.examples], manifest.training)
+    fingerprint = data_fingerprint(
+        manifest.model_dump(mode="json"),
+        [r.sha256 for r in reports],
+        [len(e.input_ids) for e in encoded.examples],
+    )
+    resume = _find_checkpoint(store, spec.job_id, fingerprint, total, events)
     where = f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
     message = f"training on {len(encoded.examples)} rows for {total} optimizer steps ({where})"
-    events.emit(WorkerEvent(kind="state", state="RUNNING", total_steps=total, message=message))
-    model = train_loop.load_lora_model(
-        model_path, manifest.lora, manifest.training.seed, device, local_only=not spec.hub_download
-    )
+    if resume is not None:
+        message += f", resumed from the checkpoint at step {resume.loop.step}"
+    start_step = resume.loop.step if resume is not None else 0
+    events.emit(WorkerEvent(kind="state", state="RUNNING", total_steps=total, step=start_step, message=message))
+
+    def fresh_model() -> Any:
+        return train_loop.load_lora_model(
+            model_path, manifest.lora, manifest.training.seed, device, local_only=not spec.hub_download
+        )
+
+    model = fresh_model()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     history: list[dict[str, float]] = []
+    if resume is not None:
+        try:
+            restore_adapter(model, resume.adapter)
+            history = resume.history
+        except CheckpointUnusable as exc:
+            _drop_checkpoints(store, spec.job_id, events, str(exc))
+            resume = None
+
+    every = manifest.validation.every_steps if manifest.validation is not None else 0
 
     def on_step(report: train_loop.StepReport) -> None:
-        progress = {k: v for k, v in vars(report).items() if k != "trained_tokens"}
+        progress: dict[str, float] = {k: v for k, v in vars(report).items() if k != "trained_tokens"}
+        if held_out and evaluation_due(report.step, report.total_steps, report.epoch, every):
+            progress["eval_loss"] = eval_loss(model, held_out, manifest.training.batch_size, int(pad_id), device)
         history.append(progress | {"time": time.time()})
         events.emit(
             WorkerEvent(
                 kind="progress",
-                message=f"step {report.step}/{report.total_steps} loss {report.loss:.4f}",
+                message=f"step {report.step}/{report.total_steps} loss {report.loss:.4f}"
+                + (f" eval_loss {progress['eval_loss']:.4f}" if "eval_loss" in progress else ""),
                 progress={k: float(v) for k, v in progress.items()},
                 trained_tokens=report.trained_tokens,
             )
         )
 
-    summary = train_loop.train(model, encoded.examples, manifest.training, int(pad_id), on_step, device)
+    def on_checkpoint(state: LoopState) -> None:
+        checkpoint = Checkpoint(state, adapter_weights(model), history, fingerprint)
+        try:
+            uri = save_checkpoint(store, spec.job_id, checkpoint, spec.checkpoint_keep)
+        except (StoreError, OSError) as exc:  # a missed checkpoint costs only redone steps after a crash
+            events.log(f"warning: the checkpoint at step {state.step} could not be saved: {exc}")
+            return
+        progress = {k: float(v) for k, v in history[-1].items() if k != "time"}
+        events.emit(
+            WorkerEvent(
+                kind="checkpoint",
+                step=state.step,
+                checkpoint_uri=uri,
+                progress=progress,
+                message=f"checkpoint saved at step {state.step}/{total}",
+            )
+        )
+
+    def run(resume_from: LoopState | None) -> train_loop.TrainSummary:
+        return train_loop.train(
+            model,
+            encoded.examples,
+            manifest.training,
+            int(pad_id),
+            on_step,
+            device,
+            resume=resume_from,
+            on_checkpoint=on_checkpoint,
+        )
+
+    try:
+        summary = run(resume.loop if resume is not None else None)
+    except train_loop.ResumeMismatch as exc:  # nothing was trained yet: start over on a fresh adapter
+        _drop_checkpoints(store, spec.job_id, events, str(exc))
+        model, history = fresh_model(), []
+        summary = run(None)
     folder = job_dir / "adapter"
     config = save_adapter(model, folder, spec.serving_max_lora_rank, manifest.base_model)
     write_training_log(folder, history)
@@ -127,6 +271,7 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
         "device": summary.device,
         "training_rows": len(encoded.examples),
         "rows_dropped": dropped,
+        "validation_rows": len(held_out),
         "eos_token": tokenizer.eos_token,
     }
     metadata = build_metadata(
