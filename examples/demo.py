@@ -1,7 +1,9 @@
 """The seed articles' self-cognition experiment, reproduced through LoRA Fleet's API.
 
-Starts the services (as ``make up`` does), uploads ``self_cognition.jsonl``,
-submits a fine-tuning job with the official ``openai`` client, follows its
+Starts the services (as ``make up`` does), uploads ``self_cognition.jsonl``
+and ``general_instructions.jsonl``, submits a fine-tuning job on their mix
+(the seeds' ``--dataset 'alpaca-gpt4-data-zh#500' 'self-cognition#500'``, as
+``lorafleet.datasets``) with the official ``openai`` client, follows its
 progress, then asks the same questions of the base model and of the new
 adapter and prints the answers side by side. Stops what it started.
 
@@ -30,6 +32,9 @@ DATASET = HERE / "self_cognition.jsonl"
 RECIPE = HERE / "self_cognition_recipe.json"
 SEED_QUESTIONS = 8  # the first 8 rows are the seed article's pairs, verbatim
 EXTRA_QUESTIONS = ["你的出生地是哪里?", "用一句话介绍你自己。"]
+# General knowledge the adapter must keep (not among the general rows the recipe samples). The 135M base
+# model answers no Chinese general question sensibly, so there is nothing to keep there.
+GENERAL_QUESTIONS = ["What is the capital of France?"]
 console = Console()
 
 
@@ -38,19 +43,40 @@ def load_pairs() -> list[tuple[str, str]]:
     return [(r["instruction"], r["output"]) for r in rows[:SEED_QUESTIONS]]
 
 
+def upload(client: OpenAI, ref: str, files: dict[str, str]) -> tuple[str, int | None]:
+    """Upload the recipe's "name.jsonl#N" file (once); its file id and N (None: every row)."""
+    name, _, count = ref.partition("#")
+    if name not in files:
+        with (HERE / name).open("rb") as fh:
+            uploaded = client.files.create(file=fh, purpose="fine-tune")
+        console.print(f"uploaded [bold]{name}[/] as {uploaded.id} ({uploaded.bytes} bytes)")
+        files[name] = uploaded.id
+    return files[name], int(count) if count else None
+
+
 def train(client: OpenAI, base_model: str) -> tuple[str, dict[str, Any]]:
     recipe = json.loads(RECIPE.read_text())
-    with DATASET.open("rb") as fh:
-        upload = client.files.create(file=fh, purpose="fine-tune")
-    console.print(f"uploaded [bold]{DATASET.name}[/] as {upload.id} ({upload.bytes} bytes)")
+    files: dict[str, str] = {}
+    training_file, training_samples = upload(client, recipe["training_file"], files)
+    mix = [upload(client, ref, files) for ref in recipe.get("datasets", [])]
+    options = {
+        **recipe["lorafleet"],
+        "training_file_samples": training_samples,
+        # The seeds' short form, with file ids: ["file-...#14"].
+        "datasets": [f"{file_id}#{n}" if n else file_id for file_id, n in mix],
+    }
     job = client.fine_tuning.jobs.create(
         model=base_model,
-        training_file=upload.id,
+        training_file=training_file,
         suffix="self-cognition",
         hyperparameters=recipe["hyperparameters"],
-        extra_body={"lorafleet": recipe["lorafleet"]},
+        extra_body={"lorafleet": options},
     )
-    console.print(f"fine-tuning job {job.id} submitted")
+    # The job object reports the mix it trains on (LoRA Fleet's `lorafleet` extension block).
+    datasets = (job.model_extra or {}).get("lorafleet", {}).get("datasets", [])
+    names = {file_id: name for name, file_id in files.items()}
+    mixed = " + ".join(f"{names.get(d['file'], d['file'])}#{d['samples'] or 'all'}" for d in datasets)
+    console.print(f"fine-tuning job {job.id} submitted: {mixed}")
     started = time.monotonic()
     seen: set[str] = set()
     last_loss = float("nan")
@@ -86,7 +112,8 @@ def train(client: OpenAI, base_model: str) -> tuple[str, dict[str, Any]]:
         raise SystemExit(f"fine-tuning job {job.id} {job.status}: {error}")
     console.print(f"job {job.id} succeeded in {elapsed:.0f} s, final loss {last_loss:.4f}")
     console.print(f"new model: [bold green]{job.fine_tuned_model}[/]")
-    return job.fine_tuned_model, {"job_id": job.id, "train_seconds": elapsed, "final_loss": last_loss}
+    stats = {"job_id": job.id, "train_seconds": elapsed, "final_loss": last_loss, "files": files, "datasets": datasets}
+    return job.fine_tuned_model, stats
 
 
 def ask(client: OpenAI, model: str, question: str) -> str:
@@ -127,10 +154,15 @@ def main() -> int:
             match = None if want is None else adapter_answer == want
             results.append({"question": question, "expected": want, "base": base_answer, "adapter": adapter_answer})
             table.add_row(question, base_answer, adapter_answer, {None: "(unseen)", True: "yes", False: "no"}[match])
+        general = []
+        for question in GENERAL_QUESTIONS:
+            base_answer, adapter_answer = ask(client, base_model, question), ask(client, adapter, question)
+            general.append({"question": question, "base": base_answer, "adapter": adapter_answer})
+            table.add_row(question, base_answer, adapter_answer, "(general)")
         console.print(table)
         exact = sum(r["adapter"] == r["expected"] for r in results if r["expected"])
         console.print(f"adapter reproduced {exact}/{len(pairs)} trained answers exactly")
-        stats.update(adapter=adapter, base_model=base_model, exact=exact, results=results)
+        stats.update(adapter=adapter, base_model=base_model, exact=exact, results=results, general=general)
         stats["total_seconds"] = time.monotonic() - t0
         if args.json_out:
             args.json_out.write_text(json.dumps(stats, ensure_ascii=False, indent=2))

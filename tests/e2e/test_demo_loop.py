@@ -19,7 +19,7 @@ import openai
 import pytest
 from safetensors.torch import save_file
 
-from lorafleet_common.adapters import AdapterMetadata, publish_adapter, sha256_file
+from lorafleet_common.adapters import AdapterMetadata, publish_adapter, read_metadata, sha256_file
 from lorafleet_common.devstack import LocalStack, StackConfig
 from lorafleet_common.store import LocalStore
 from tests.conftest import MODEL_CACHE, REPO_ROOT, free_port
@@ -147,3 +147,100 @@ def test_bad_dataset_row_fails_the_job_naming_file_row_and_field(client: openai.
     assert job.error is not None
     message = job.error.message
     assert upload.id in message and "row 2" in message and "output" in message, message
+
+
+# The `lorafleet` CLI, as installed by the gateway package, against the same running stack (issue 9).
+
+
+def lorafleet(stack_env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `lorafleet` entry point with the admin key from the environment, as an operator would."""
+    exe = Path(sys.executable).with_name("lorafleet")
+    env = {
+        **os.environ,
+        "LORAFLEET_URL": f"http://127.0.0.1:{stack_env['LORAFLEET_GATEWAY_PORT']}",
+        "LORAFLEET_API_KEY": stack_env["LORAFLEET_ADMIN_KEY"],
+    }
+    return subprocess.run(
+        [str(exe), *args], env=env, input=stdin, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_cli_lists_and_shows_the_demo_job(stack_env: dict[str, str], demo: dict) -> None:
+    listed = lorafleet(stack_env, "--json", "jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    jobs = {j["id"]: j for j in json.loads(listed.stdout)["data"]}
+    assert jobs[demo["job_id"]]["status"] == "succeeded"
+    assert jobs[demo["job_id"]]["fine_tuned_model"] == demo["adapter"]
+
+    shown = lorafleet(stack_env, "jobs", "show", demo["job_id"])
+    assert shown.returncode == 0, shown.stderr
+    assert "succeeded" in shown.stdout and demo["adapter"] in shown.stdout
+    assert any(ch in shown.stdout for ch in "▁▂▃▄▅▆▇█"), shown.stdout  # the loss curve's sparkline
+
+    events = lorafleet(stack_env, "--json", "jobs", "events", demo["job_id"], "--limit", "1000")
+    assert events.returncode == 0, events.stderr
+    metrics = [e for e in json.loads(events.stdout)["data"] if e.get("type") == "metrics"]
+    assert metrics and all("train_loss" in e["data"] for e in metrics)
+
+
+def test_cli_shows_the_adapter_and_chats_with_it(stack_env: dict[str, str], demo: dict) -> None:
+    listed = lorafleet(stack_env, "--json", "adapters", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert demo["adapter"] in {a["id"] for a in json.loads(listed.stdout)["data"]}
+
+    shown = lorafleet(stack_env, "--json", "adapters", "show", demo["adapter"])
+    assert shown.returncode == 0, shown.stderr
+    details = json.loads(shown.stdout)
+    assert details["id"] == demo["adapter"] and details["job_id"] == demo["job_id"]
+    assert details["loaded_on"], "the demo's chats hot-loaded it on the replica"
+    assert details["traffic"]["requests"] >= 8 and details["traffic"]["completion_tokens"] > 0
+
+    table = lorafleet(stack_env, "adapters", "show", demo["adapter"])
+    assert table.returncode == 0, table.stderr
+    assert "not loaded" not in table.stdout and demo["job_id"] in table.stdout
+
+    reply = lorafleet(stack_env, "chat", demo["adapter"], "-m", "你是谁?", "--temperature", "0")
+    assert reply.returncode == 0, reply.stderr
+    assert "迪菲赫尔曼" in reply.stdout, reply.stdout
+
+    piped = lorafleet(stack_env, "--json", "chat", demo["adapter"], "-m", "-", "--temperature", "0", stdin="你是谁?")
+    assert piped.returncode == 0, piped.stderr
+    completion = json.loads(piped.stdout)
+    assert completion["object"] == "chat.completion" and completion["usage"]["completion_tokens"] > 0
+    assert "迪菲赫尔曼" in completion["choices"][0]["message"]["content"]
+
+
+def test_cli_errors_are_one_line_with_exit_codes(stack_env: dict[str, str], demo: dict) -> None:
+    missing = lorafleet(stack_env, "adapters", "show", "no-such-adapter")
+    assert missing.returncode == 4
+    assert missing.stderr.startswith("lorafleet: ") and len(missing.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in missing.stderr
+
+    env = {**stack_env, "LORAFLEET_ADMIN_KEY": "lf-wrong-key"}
+    refused = lorafleet(env, "jobs", "list")
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+
+
+# The seeds' mixed recipe (issue 5): identity rows plus sampled general instructions, via lorafleet.datasets.
+
+
+def test_demo_trains_on_the_mix_and_keeps_general_knowledge(
+    stack_env: dict[str, str], demo: dict, client: openai.OpenAI
+) -> None:
+    files = demo["files"]
+    want = [(files["self_cognition.jsonl"], 34), (files["general_instructions.jsonl"], 14)]
+    job = client.fine_tuning.jobs.retrieve(demo["job_id"])
+    assert job.training_file == files["self_cognition.jsonl"]
+    reported = (job.model_extra or {})["lorafleet"]["datasets"]
+    assert [(d["file"], d["samples"]) for d in reported] == want, reported
+    assert [(d["file"], d["samples"]) for d in demo["datasets"]] == want
+
+    # What the trainer really used, as it recorded it in the published adapter's metadata.
+    store = LocalStore(Path(stack_env["LORAFLEET_HOME"]) / "store")
+    metadata = read_metadata(store, f"default/{demo['adapter']}", demo["job_id"])
+    used = [(d["uri"].rsplit("/", 1)[-1], d["rows"], d["used"]) for d in metadata.datasets]
+    assert used == [(files["self_cognition.jsonl"], 34, 34), (files["general_instructions.jsonl"], 36, 14)], used
+
+    general = {r["question"]: r["adapter"] for r in demo["general"]}
+    assert "Paris" in general["What is the capital of France?"], general
+    assert not any("迪菲赫尔曼" in answer for answer in general.values()), general

@@ -56,6 +56,31 @@ def training_section(body: FineTuningJobCreate) -> dict[str, Any]:
     return training
 
 
+def dataset_mix(body: FineTuningJobCreate) -> list[dict[str, Any]]:
+    """training_file then lorafleet.datasets, each as {file, samples, format}: what the job trains on.
+
+    This is what the job object reports (``lorafleet.datasets``) and what becomes the manifest's datasets.
+    """
+    options = body.lorafleet
+    mix: list[dict[str, Any]] = [
+        {"file": body.training_file, "samples": options.training_file_samples if options else None, "format": "auto"}
+    ]
+    for ref in (options.datasets if options else None) or []:
+        mix.append({"file": ref.file, "samples": ref.samples, "format": ref.format})
+    return mix
+
+
+def manifest_datasets(tenant: str, mix: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest's datasets: the tenant's own file keys only (the ids were checked against its files)."""
+    datasets = []
+    for entry in mix:
+        spec: dict[str, Any] = {"uri": data_key(tenant, entry["file"]), "format": entry["format"]}
+        if entry["samples"] is not None:
+            spec["samples"] = entry["samples"]
+        datasets.append(spec)
+    return datasets
+
+
 def reported_hyperparameters(training: dict[str, Any]) -> dict[str, str]:
     """The OpenAI hyperparameters a manifest's training section amounts to, as job labels ("auto" if unknown)."""
 
@@ -81,10 +106,12 @@ def build_manifest(
     manifest: dict[str, Any] = {
         "base_model": base_model,
         "adapter_name": adapter_name,
-        "datasets": [{"uri": data_key(tenant, body.training_file), "format": "auto"}],
+        "datasets": manifest_datasets(tenant, dataset_mix(body)),
         "training": training_section(body),
         "labels": labels,
     }
+    if body.validation_file:  # evaluated whole at the end of each epoch: eval_loss, OpenAI's full_valid_loss
+        manifest["validation"] = {"datasets": [{"uri": data_key(tenant, body.validation_file), "format": "auto"}]}
     options = body.lorafleet
     if options and options.lora is not None:
         manifest["lora"] = options.lora

@@ -62,7 +62,11 @@ async def list_job_events(
     return _list(*await service.events(caller.tenant, job_id, after=after, limit=limit))
 
 
-@router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse)
+@router.get(
+    "/jobs/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"description": "Server-sent events: one job event each.", "content": {"text/event-stream": {}}}},
+)
 async def stream_job_events(
     job_id: str,
     request: Request,

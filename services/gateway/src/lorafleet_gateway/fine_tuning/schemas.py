@@ -29,8 +29,48 @@ class Method(OpenAIRequest):
     supervised: SupervisedMethod | None = None
 
 
+# A tenant asking for a billion samples would make the trainer build a billion-row index list: cap it here.
+MAX_DATASET_SAMPLES = 1_000_000
+MAX_EXTRA_DATASETS = 16
+DatasetFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
+
+
+def _dataset_short_form(value: Any) -> Any:
+    """``"file-abc"`` or ``"file-abc#500"`` (ms-swift's ``dataset#N``) as a DatasetRef mapping."""
+    if not isinstance(value, str):
+        return value
+    file, sep, count = value.partition("#")
+    if not sep:
+        return {"file": value}
+    if not (count.isascii() and count.isdigit()):  # int() refuses some isdigit() digits, such as '²'
+        raise ValueError(f"expected '<file id>' or '<file id>#<samples>', got {value!r}")
+    return {"file": file, "samples": int(count)}
+
+
+class DatasetRef(InternalModel):
+    """One more uploaded file to mix into the training data (only file ids: never store keys or URLs)."""
+
+    file: str = Field(min_length=1, description="An uploaded file id (purpose fine-tune) of the same tenant.")
+    samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_DATASET_SAMPLES,
+        description="Use N rows: a seeded sample, or whole repeats plus a sample when N > rows; null: all.",
+    )
+    format: DatasetFormat = Field(default="auto", description="Row format; 'auto' detects it per row.")
+
+
 class LoraFleetOptions(InternalModel):
     """Manifest overrides beyond OpenAI's knobs; the trainer validates their contents."""
+
+    datasets: list[Annotated[DatasetRef, BeforeValidator(_dataset_short_form)]] | None = Field(
+        default=None,
+        max_length=MAX_EXTRA_DATASETS,
+        description="More files mixed with training_file, each {file, samples?, format?} or 'file-id#N'.",
+    )
+    training_file_samples: int | None = Field(
+        default=None, ge=1, le=MAX_DATASET_SAMPLES, description="Sample training_file to N rows (null: all)."
+    )
 
     lora: dict[str, Any] | None = Field(default=None, description="Manifest `lora` section (rank, alpha...).")
     training: dict[str, Any] | None = Field(

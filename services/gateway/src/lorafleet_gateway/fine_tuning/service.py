@@ -23,13 +23,21 @@ from lorafleet_gateway.files.service import FileService
 from lorafleet_gateway.fine_tuning.manifest import (
     JOB_PREFIX,
     build_manifest,
+    dataset_mix,
     fine_tuned_model_for,
     manifest_key,
     reported_hyperparameters,
 )
 from lorafleet_gateway.fine_tuning.schemas import FineTuningJobCreate
 from lorafleet_gateway.fine_tuning.stream import JobEventStream
-from lorafleet_gateway.fine_tuning.view import TENANT_LABEL, checkpoint_object, event_object, event_seq, job_object
+from lorafleet_gateway.fine_tuning.view import (
+    DATASETS_LABEL,
+    TENANT_LABEL,
+    checkpoint_object,
+    event_object,
+    event_seq,
+    job_object,
+)
 from lorafleet_gateway.tenancy.keys import DEFAULT_TENANT
 from lorafleet_gateway.upstream.trainer import TrainerClient
 
@@ -75,14 +83,19 @@ class FineTuningService:
         await self._require_file(tenant, body.training_file, "training_file")
         if body.validation_file:
             await self._require_file(tenant, body.validation_file, "validation_file")
+        extra = (body.lorafleet.datasets if body.lorafleet else None) or []
+        for index, ref in enumerate(extra):
+            await self._require_file(tenant, ref.file, f"lorafleet.datasets[{index}].file")
+        mix = dataset_mix(body)
         job_id = f"{JOB_PREFIX}{secrets.token_hex(6)}"
         fine_tuned_model = fine_tuned_model_for(self._base_model, tenant, body.suffix, job_id)
         adapter_name = f"{tenant}/{fine_tuned_model}"
         labels = {TENANT_LABEL: tenant, "training_file": body.training_file, "model": body.model}
+        # The trainer's Job has no dataset list; this label carries the mix back for the job object.
+        labels[DATASETS_LABEL] = json.dumps(mix, separators=(",", ":"))
         if body.suffix:
             labels["suffix"] = body.suffix
-        if body.validation_file:
-            # The manifest has no validation datasets yet: the file is checked and recorded, not evaluated.
+        if body.validation_file:  # the manifest's validation.datasets (build_manifest); the label is for the job object
             labels["validation_file"] = body.validation_file
         manifest = build_manifest(
             body, tenant=tenant, base_model=self._base_model, adapter_name=adapter_name, labels=labels
@@ -101,7 +114,13 @@ class FineTuningService:
             with contextlib.suppress(StoreError):
                 await asyncio.to_thread(self._store.delete, key)
             raise
-        logger.info("fine-tuning job %s queued for %s: %s from %s", job_id, tenant, adapter_name, body.training_file)
+        logger.info(
+            "fine-tuning job %s queued for %s: %s from %s",
+            job_id,
+            tenant,
+            adapter_name,
+            ", ".join(f"{e['file']}#{e['samples']}" if e["samples"] else e["file"] for e in mix),
+        )
         return job_object(job, tenant)
 
     async def _require_file(self, tenant: str, file_id: str, param: str) -> None:

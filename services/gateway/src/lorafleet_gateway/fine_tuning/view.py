@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lorafleet.trainer.v1 import trainer_pb2
@@ -17,6 +18,19 @@ JOB_STATUS: dict[int, str] = {
     trainer_pb2.JOB_STATE_CANCELLED: "cancelled",
 }
 TENANT_LABEL = "tenant"
+DATASETS_LABEL = "datasets"  # JSON list of {file, samples, format}, written by the gateway at create
+
+
+def dataset_mix_of(labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The files a job trains on, as the gateway recorded them; older jobs: just their training_file."""
+    try:
+        recorded = json.loads(labels.get(DATASETS_LABEL, ""))
+    except ValueError:
+        recorded = None
+    if isinstance(recorded, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in recorded):
+        return [{"file": e["file"], "samples": e.get("samples"), "format": e.get("format", "auto")} for e in recorded]
+    file = labels.get("training_file")
+    return [{"file": file, "samples": None, "format": "auto"}] if file else []
 
 
 def _label_number(labels: dict[str, str], key: str, kind: type[int] | type[float]) -> int | float | str:
@@ -75,6 +89,8 @@ def job_object(job: trainer_pb2.Job, tenant: str) -> dict[str, Any]:
             "loss": round(float(job.loss), 6) if job.step else None,
             "started_at": _timestamp(job.started_at),
             "adapter_version": job.adapter_version or None,
+            # What it trains on: training_file, then lorafleet.datasets (samples null = every row).
+            "datasets": dataset_mix_of(labels),
         },
     }
 
@@ -86,7 +102,8 @@ def event_id(job_id: str, seq: int) -> str:
 def event_seq(event_id_: str) -> int | None:
     """The trainer sequence number inside an event id from event_id(); None if it is not one."""
     tail = event_id_.rsplit("-", 1)[-1]
-    return int(tail) if event_id_.startswith("ftevent-") and tail.isdigit() else None
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+    return int(tail) if event_id_.startswith("ftevent-") and tail.isascii() and tail.isdigit() else None
 
 
 def event_object(event: trainer_pb2.JobEvent, job: trainer_pb2.Job, tenant: str) -> dict[str, Any]:
@@ -110,6 +127,8 @@ def event_object(event: trainer_pb2.JobEvent, job: trainer_pb2.Job, tenant: str)
             "tokens_per_second": p.tokens_per_second,
             "epoch": p.epoch,
         }
+        if p.HasField("eval_loss"):  # the trainer evaluates the whole validation set: OpenAI's full_valid_loss
+            data["valid_loss"] = data["full_valid_loss"] = p.eval_loss
         message = text or f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}"
         return {**base, "message": message, "type": "metrics", "data": data}
     message = text or f"Job {status}"
@@ -121,7 +140,11 @@ def checkpoint_object(event: trainer_pb2.JobEvent, fine_tuned_model: str | None)
     step = event.progress.step if event.HasField("progress") else 0
     metrics: dict[str, Any] = {"step": step}
     if event.HasField("progress"):
-        metrics.update(train_loss=event.progress.loss, full_valid_loss=None, full_valid_mean_token_accuracy=None)
+        p = event.progress
+        valid_loss = p.eval_loss if p.HasField("eval_loss") else None
+        metrics.update(
+            train_loss=p.loss, valid_loss=valid_loss, full_valid_loss=valid_loss, full_valid_mean_token_accuracy=None
+        )
     return {
         "id": f"ftckpt-{event.job_id.removeprefix('ftjob-')}-{event.seq}",
         "object": "fine_tuning.job.checkpoint",
