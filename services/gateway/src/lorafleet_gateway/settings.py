@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from lorafleet_common.grpc_targets import check_targets, split_targets
 from lorafleet_common.settings import CommonSettings
-
-DNS_SCHEME = "dns:///"
 
 
 class GatewaySettings(CommonSettings):
@@ -130,21 +128,12 @@ class GatewaySettings(CommonSettings):
     @field_validator("inference_targets", mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return split_targets(value)
 
     @field_validator("inference_targets")
     @classmethod
     def _check_targets(cls, value: list[str]) -> list[str]:
-        for target in value:
-            host, sep, port = target.removeprefix(DNS_SCHEME).rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f'inference target {target!r} must be "host:port" or "{DNS_SCHEME}name:port"')
-        return value
+        return check_targets(value)
 
     def resolved_database_url(self) -> str:
         """The database URL (it may hold a password: SecretStr keeps it out of reprs and logs)."""

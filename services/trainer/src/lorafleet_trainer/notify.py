@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import grpc
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
+from lorafleet_common.grpc_targets import DNS_SCHEME
 from lorafleet_common.grpc_tls import GrpcTls, open_aio_channel
-
-DNS_SCHEME = "dns:///"
 
 
 @dataclass(frozen=True)

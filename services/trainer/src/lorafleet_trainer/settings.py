@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from lorafleet_common.grpc_targets import check_targets, split_targets
 from lorafleet_common.settings import CommonSettings
 
 
@@ -67,21 +67,12 @@ class TrainerSettings(CommonSettings):
     @field_validator("notify_inference", mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return split_targets(value)
 
     @field_validator("notify_inference")
     @classmethod
     def _check_targets(cls, value: list[str]) -> list[str]:
-        for target in value:
-            host, sep, port = target.removeprefix("dns:///").rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f'inference target {target!r} must be "host:port" or "dns:///name:port"')
-        return value
+        return check_targets(value)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'trainer.db').resolve()}"

@@ -26,9 +26,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
+from lorafleet_common.grpc_targets import DNS_SCHEME
 from lorafleet_common.grpc_tls import GrpcTls
 from lorafleet_gateway.metrics import GatewayMetrics
-from lorafleet_gateway.settings import DNS_SCHEME
 from lorafleet_gateway.upstream.channels import open_channel
 from lorafleet_gateway.upstream.routing import ReplicaLoad
 
