@@ -152,9 +152,7 @@ class ValidationSpec(BaseModel):
     @field_validator("datasets", mode="before")
     @classmethod
     def _short_forms(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [parse_dataset_short_form(item) if isinstance(item, str) else item for item in value]
-        return value
+        return expand_short_forms(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ValidationSpec:
@@ -194,9 +192,14 @@ class JobManifest(BaseModel):
     @field_validator("datasets", mode="before")
     @classmethod
     def _short_forms(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [parse_dataset_short_form(item) if isinstance(item, str) else item for item in value]
-        return value
+        return expand_short_forms(value)
+
+
+def expand_short_forms(value: Any) -> Any:
+    """A datasets list with its ``"uri#N"`` strings turned into DatasetSpec mappings; anything else unchanged."""
+    if isinstance(value, list):
+        return [parse_dataset_short_form(item) if isinstance(item, str) else item for item in value]
+    return value
 
 
 def parse_dataset_short_form(text: str) -> dict[str, Any]:
