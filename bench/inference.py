@@ -10,7 +10,8 @@ on loopback, over a temporary LocalStore holding N random-weight PEFT adapters (
       a slot), reload from the disk tier, cold (object store -> first token), and the base model
   (c) the service over gRPC vs ``engine.generate`` in-process: same token ids, same sampling, same engine
 
-The proto has no ignore_eos, so output length is capped by max_tokens; the table shows tokens per request.
+Output length is capped by max_tokens (these runs predate ignore_eos in the contract); the table shows tokens
+per request. The GPU counterpart, through the gateway and against raw vLLM, is bench/gpu_serving.py.
 
     python bench/inference.py                 # CPU, embedded SmolLM2-135M (4-7 minutes on 2 shared cores)
     python bench/inference.py --quick         # smoke run (tiny counts; the test suite runs this)

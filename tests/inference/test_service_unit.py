@@ -374,6 +374,9 @@ def test_engine_args_pass_tensor_parallelism_and_tiers_through(tmp_path: Path) -
         7,
     )
     assert args.enable_lora and args.max_lora_rank == settings.max_lora_rank
+    assert args.max_num_batched_tokens is None  # vLLM's default unless set
+    tuned = engine_args(InferenceSettings(home=tmp_path, max_num_batched_tokens=16384), "/models/x")
+    assert tuned.max_num_batched_tokens == 16384
 
 
 def test_the_vllm_plugin_makes_cpu_lora_ops_skip_tokens_without_an_adapter() -> None:

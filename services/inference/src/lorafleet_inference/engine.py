@@ -91,6 +91,8 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
     extra: dict[str, Any] = {}
     if settings.max_num_seqs is not None:
         extra["max_num_seqs"] = settings.max_num_seqs
+    if settings.max_num_batched_tokens is not None:
+        extra["max_num_batched_tokens"] = settings.max_num_batched_tokens
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=settings.served_model_name,

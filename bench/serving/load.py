@@ -1,0 +1,242 @@
+"""Load generation in worker processes, so the clients never share a core (or a GIL) with what they measure.
+
+A job is a list of streamed requests, run ``concurrency`` at a time by one worker process, starting at an agreed
+wall-clock instant; a level of load is split over several workers. Per request: time to the first token, total
+time, tokens (the final usage), and the gaps between streamed outputs.
+
+  direct:  gRPC ``Generate`` on the inference replica (raw prompt, ``adapter`` = store name or "" for the base)
+  gateway: ``POST /v1/completions`` with ``stream: true`` (SSE) through the gateway, with a tenant API key
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+@dataclass
+class Job:
+    path: str  # "direct" or "gateway"
+    target: str  # "127.0.0.1:port" (direct) or "http://127.0.0.1:port" (gateway)
+    calls: list[tuple[str, str]]  # (adapter store name / gateway model id, prompt)
+    max_tokens: int
+    concurrency: int
+    start_at: float  # time.time() at which the first requests go out
+    key: str = ""  # the gateway's API key
+    base_model: str = ""  # the gateway's model id of the base model (used when the adapter is "")
+
+
+@dataclass
+class Sample:
+    start: float  # time.time()
+    ttft: float
+    total: float
+    tokens: int
+    gaps: list[float] = field(default_factory=list)  # between successive outputs, divided by their tokens (direct)
+    error: str = ""
+
+
+@dataclass
+class JobResult:
+    samples: list[Sample]
+    cpu_s: float  # the worker's CPU time during the job
+    started: float
+    ended: float
+
+
+async def _direct_call(stub: Any, adapter: str, prompt: str, max_tokens: int) -> Sample:
+    from lorafleet.inference.v1 import inference_pb2 as pb
+
+    request = pb.GenerateRequest(
+        adapter=adapter,
+        prompt=prompt,
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+    start, t0 = time.time(), time.perf_counter()
+    first = last = None
+    tokens, gaps = 0, []
+    async for chunk in stub.Generate(request, timeout=900):
+        if not chunk.token_count:
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        elif last is not None:
+            gaps.append((now - last) / chunk.token_count)
+        last = now
+        tokens += chunk.token_count
+    end = time.perf_counter()
+    return Sample(start, (first or end) - t0, end - t0, tokens, gaps)
+
+
+async def _gateway_call(http: Any, job: Job, model: str, prompt: str) -> Sample:
+    body = {
+        "model": model or job.base_model,
+        "prompt": prompt,
+        "max_tokens": job.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    start, t0 = time.time(), time.perf_counter()
+    first = last = None
+    tokens, gaps = 0, []
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"error event: {event['error']}")
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                elif last is not None:
+                    gaps.append(now - last)  # an SSE event carries text, not a token count
+                last = now
+    end = time.perf_counter()
+    return Sample(start, (first or end) - t0, end - t0, tokens, gaps)
+
+
+async def _run(job: Job) -> JobResult:
+    import grpc
+    import httpx
+
+    from lorafleet.inference.v1 import inference_pb2_grpc as pb_grpc
+
+    queue = list(reversed(job.calls))
+    samples: list[Sample] = []
+    channel = http = None
+    if job.path == "direct":
+        channel = grpc.aio.insecure_channel(job.target)
+        await channel.channel_ready()
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        def one(adapter: str, prompt: str) -> Any:
+            return _direct_call(stub, adapter, prompt, job.max_tokens)
+    else:
+        limits = httpx.Limits(max_connections=job.concurrency + 4, max_keepalive_connections=job.concurrency + 4)
+        headers = {"Authorization": f"Bearer {job.key}"}
+        http = httpx.AsyncClient(base_url=job.target, headers=headers, limits=limits, timeout=900)
+        # Open the connections before the start: a level measures requests, not TCP handshakes.
+        await asyncio.gather(*(http.get("/health") for _ in range(job.concurrency)))
+
+        def one(adapter: str, prompt: str) -> Any:
+            return _gateway_call(http, job, adapter, prompt)
+
+    async def worker() -> None:
+        while queue:
+            adapter, prompt = queue.pop()
+            try:
+                samples.append(await one(adapter, prompt))
+            except Exception as exc:  # counted and reported, never dropped silently
+                samples.append(Sample(time.time(), 0.0, 0.0, 0, error=repr(exc)[:300]))
+
+    await asyncio.sleep(max(0.0, job.start_at - time.time()))
+    cpu0, started = time.process_time(), time.time()
+    await asyncio.gather(*(worker() for _ in range(job.concurrency)))
+    ended, cpu = time.time(), time.process_time() - cpu0
+    if channel is not None:
+        await channel.close()
+    if http is not None:
+        await http.aclose()
+    return JobResult(samples, cpu, started, ended)
+
+
+def _worker_main(conn: Connection) -> None:
+    import grpc  # noqa: F401  (imported before the first job)
+    import httpx  # noqa: F401
+
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        try:
+            conn.send(asyncio.run(_run(job)))
+        except BaseException as exc:
+            conn.send(exc)
+
+
+@dataclass
+class Level:
+    """What one level of load gave: every sample, the wall time from the agreed start, clients' CPU."""
+
+    samples: list[Sample]
+    wall_s: float
+    client_cpu_s: list[float]
+    start_skew_s: float  # how much later the last worker started than the first
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.samples)
+
+    @property
+    def errors(self) -> list[str]:
+        return [s.error for s in self.samples if s.error]
+
+
+class LoadPool:
+    """N worker processes (spawned once, reused); ``run`` splits a level over as many as it needs."""
+
+    def __init__(self, workers: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs = []
+        for _ in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    def run(
+        self,
+        path: str,
+        target: str | list[str],
+        calls: list[tuple[str, str]],
+        max_tokens: int,
+        concurrency: int,
+        **extra: Any,
+    ) -> Level:
+        """``calls`` split over the workers (round robin), ``concurrency`` in flight in all; a list of targets is
+        spread over the workers too."""
+        targets = [target] if isinstance(target, str) else target
+        jobs = min(len(self._conns), concurrency, len(calls))
+        start_at = time.time() + 0.5 + 0.02 * concurrency  # time for every worker to open its connections
+        sent = []
+        for i in range(jobs):
+            share = concurrency // jobs + (1 if i < concurrency % jobs else 0)
+            job = Job(path, targets[i % len(targets)], calls[i::jobs], max_tokens, share, start_at, **extra)
+            self._conns[i].send(job)
+            sent.append(self._conns[i])
+        results = []
+        for conn in sent:
+            result = conn.recv()
+            if isinstance(result, BaseException):
+                raise result
+            results.append(result)
+        samples = [s for r in results for s in r.samples]
+        first = min(r.started for r in results)
+        wall = max(r.ended for r in results) - first
+        return Level(samples, wall, [r.cpu_s for r in results], max(r.started for r in results) - first)
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()

@@ -1,0 +1,99 @@
+"""Summaries of load levels (percentiles, rates) and the text report of a run."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from serving.load import Level
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summarize(level: Level) -> dict[str, Any]:
+    ok = [s for s in level.samples if not s.error]
+    tpot = [(s.total - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1]
+    gaps = [g for s in ok for g in s.gaps]
+    ms = 1000.0
+    return {
+        "requests": len(level.samples),
+        "errors": len(level.errors),
+        "first_errors": level.errors[:3],
+        "wall_s": level.wall_s,
+        "out_tokens": level.tokens,
+        "out_tok_s": level.tokens / level.wall_s if level.wall_s else 0.0,
+        "req_s": len(ok) / level.wall_s if level.wall_s else 0.0,
+        "tokens_per_request_min": min((s.tokens for s in ok), default=0),
+        "tokens_per_request_max": max((s.tokens for s in ok), default=0),
+        "ttft_p50_ms": pct([s.ttft for s in ok], 0.5) * ms,
+        "ttft_p95_ms": pct([s.ttft for s in ok], 0.95) * ms,
+        "ttft_p99_ms": pct([s.ttft for s in ok], 0.99) * ms,
+        "tpot_p50_ms": pct(tpot, 0.5) * ms,
+        "tpot_p99_ms": pct(tpot, 0.99) * ms,
+        "gap_p50_ms": pct(gaps, 0.5) * ms,
+        "gap_p99_ms": pct(gaps, 0.99) * ms,
+        "latency_p50_ms": pct([s.total for s in ok], 0.5) * ms,
+        "client_cpu_share_max": max(level.client_cpu_s) / level.wall_s if level.wall_s else 0.0,
+        "start_skew_ms": level.start_skew_s * ms,
+    }
+
+
+def text(results: dict[str, Any]) -> str:
+    lines = [f"== {results.get('title', 'serving benchmark')}"]
+    for key in ("versions", "hardware", "engine"):
+        if key in results:
+            lines.append(f"{key}: {results[key]}")
+    if "startup" in results:
+        lines.append(f"startup: {results['startup']}")
+    tp = results.get("throughput", {})
+    if tp:
+        lines.append("")
+        lines.append("(a/b) throughput: all requests submitted at once")
+        lines.append(f"{'case':<26}{'path':<10}{'out tok/s':>10}{'req/s':>8}{'tok/req':>12}{'TTFT p50':>10}{'err':>5}")
+        for case, row in tp.items():
+            for path in ("gateway", "gateway_all", "direct", "raw"):
+                if path not in row:
+                    continue
+                r = row[path]
+                span = f"{r['tokens_per_request_min']}-{r['tokens_per_request_max']}" if "ttft_p50_ms" in r else ""
+                ttft = f"{r['ttft_p50_ms']:.0f} ms" if "ttft_p50_ms" in r else ""
+                lines.append(
+                    f"{case:<26}{path:<10}{r['out_tok_s']:>10.0f}{r['req_s']:>8.1f}{span:>12}{ttft:>10}"
+                    f"{r.get('errors', 0):>5}"
+                )
+    lat = results.get("latency", {})
+    if lat:
+        lines.append("")
+        lines.append("(d) latency, base model (ms): TTFT p50/p99, time per output token p50/p99, gateway - direct")
+        for level, row in lat.items():
+            d, g = row["direct"], row["gateway"]
+            lines.append(
+                f"streams {level:>3}: direct TTFT {d['ttft_p50_ms']:.1f}/{d['ttft_p99_ms']:.1f} "
+                f"TPOT {d['tpot_p50_ms']:.2f}/{d['tpot_p99_ms']:.2f} | gateway TTFT {g['ttft_p50_ms']:.1f}/"
+                f"{g['ttft_p99_ms']:.1f} TPOT {g['tpot_p50_ms']:.2f}/{g['tpot_p99_ms']:.2f} | added TTFT "
+                f"{row['added_ttft_p50_ms']:.1f}/{row['added_ttft_p99_ms']:.1f}"
+            )
+    loads = results.get("adapter_loads", {})
+    if loads:
+        lines.append("")
+        lines.append("(c) adapter loads, one request at a time, max_tokens=1 (ms)")
+        for key, row in loads.items():
+            if isinstance(row, dict) and "p50_ms" in row:
+                lines.append(f"{key:<34} p50 {row['p50_ms']:8.1f}  p95 {row['p95_ms']:8.1f}  n {row['n']}")
+    checks = {case: row["gateway"]["check"] for case, row in tp.items() if "check" in row.get("gateway", {})}
+    if checks:
+        lines.append("")
+        lines.append("(e) the services' metrics during the gateway passes: tokens counted, GPU memory vs nvidia-smi")
+        for case, c in checks.items():
+            diff = c["gpu_memory_max_rel_diff"]
+            lines.append(
+                f"{case:<26} bench {c['bench_tokens']}, replica {c['replica_metric_tokens']:.0f}, gateway "
+                f"{c['gateway_metric_tokens']:.0f}; GPU memory max diff "
+                + (f"{diff:.2%} over {c['gpu_memory_samples']} samples" if diff is not None else "n/a (no GPU)")
+            )
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""The measurements of bench/gpu_serving.py against running services: throughput passes, latency levels, adapter
+loads, and the check of the services' own metrics against the benchmark's count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving import report
+from serving.adapters import AdapterSpec
+from serving.load import Level, LoadPool
+from serving.probe import Sampler, scrape, total
+from serving.stack import cpu_seconds
+
+TENANT = "bench"  # the adapters are the tenant's models: store name "bench/m0" is model id "m0" through the gateway
+
+
+class ServiceBench:
+    """The stages, run against one replica (``direct``: host:port) and its gateways (base URLs). ``run`` is
+    gpu_serving.Run: its clock and log, its prompts (``prompt_maker``, ``next_seed``) and arguments."""
+
+    def __init__(
+        self, run: Any, pool: LoadPool, direct: str, gateways: list[str], keys: tuple[str, str], base: str
+    ) -> None:
+        self.run, self.pool, self.direct, self.gateways, self.base = run, pool, direct, gateways, base
+        self.key, self.admin_key = keys  # a tenant's key for requests; the admin key for the gateway's /metrics
+        self.args = run.args
+        self.pids: dict[str, int] = {}  # front-end processes whose CPU use is recorded per pass
+
+    def measured(self, path: str, calls: list[tuple[str, str]], max_tokens: int, concurrency: int, **kw: Any) -> Any:
+        """``level`` plus the share of a core each front-end process (inference gRPC + vLLM's output handling,
+        gateways) used meanwhile: near 1.0 means that process, not the GPU, set the pace."""
+        before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        level = self.level(path, calls, max_tokens, concurrency, **kw)
+        row = report.summarize(level)
+        for name, pid in self.pids.items():
+            start, end = before[name], cpu_seconds(pid)
+            if start is not None and end is not None and level.wall_s:
+                row[f"cpu_share_{name}"] = (end - start) / level.wall_s
+        return row
+
+    def level(
+        self, path: str, calls: list[tuple[str, str]], max_tokens: int, concurrency: int, all_gw: bool = False
+    ) -> Level:
+        """One level of load; ``calls`` name adapters by store name ("" = base), mapped to the gateway's ids."""
+        if path == "direct":
+            return self.pool.run("direct", self.direct, calls, max_tokens, concurrency)
+        model_ids = [(a.removeprefix(f"{TENANT}/"), p) for a, p in calls]
+        targets = self.gateways if all_gw else self.gateways[:1]
+        return self.pool.run("gateway", targets, model_ids, max_tokens, concurrency, key=self.key, base_model=self.base)
+
+    def prompts(self, count: int, tokens: int | None = None) -> list[str]:
+        return self.run.prompt_maker.prompts(count, tokens or self.args.prompt_tokens, self.run.next_seed())
+
+    def warm_up(self, mix: list[AdapterSpec]) -> None:
+        for path in ("direct", "gateway"):
+            self.level(path, [("", p) for p in self.prompts(4, 16)], 4, 4)
+            self.level(path, [(mix[0].name, p) for p in self.prompts(2, 16)], 4, 2)
+
+    def throughput(self, case: str, adapters: list[str], metrics_url: str, gateway_metrics: str) -> dict[str, Any]:
+        n, out = self.args.requests, self.args.output_tokens
+
+        def calls() -> list[tuple[str, str]]:
+            return [(adapters[i % len(adapters)] if adapters else "", p) for i, p in enumerate(self.prompts(n))]
+
+        row: dict[str, Any] = {}
+        first = self.level("gateway", calls(), out, n)  # loads adapters, fills caches, JIT of new kernel shapes
+        row["first_pass"] = report.summarize(first)
+        before, gw_before = scrape(metrics_url), scrape(gateway_metrics, self.admin_key)
+        with Sampler(metrics_url, 0.5) as sampler:
+            row["gateway"] = self.measured("gateway", calls(), out, n)
+        after, gw_after = scrape(metrics_url), scrape(gateway_metrics, self.admin_key)
+        tokens = row["gateway"]["out_tokens"]
+        row["gateway"]["check"] = metrics_check(tokens, before, after, gw_before, gw_after, sampler.rows)
+        row["direct"] = self.measured("direct", calls(), out, n)
+        if len(self.gateways) > 1 and not adapters:
+            row["gateway_all"] = self.measured("gateway", calls(), out, n, all_gw=True)
+        self.run.log(
+            f"{case}: gateway {row['gateway']['out_tok_s']:.0f} tok/s, direct {row['direct']['out_tok_s']:.0f} tok/s"
+            f" (first pass {row['first_pass']['out_tok_s']:.0f})"
+        )
+        return row
+
+    def latency(self, streams: int, requests: int) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for path in ("direct", "gateway"):
+            calls = [("", p) for p in self.prompts(requests)]
+            row[path] = report.summarize(self.level(path, calls, self.args.output_tokens, streams))
+        for q in ("p50", "p99"):
+            row[f"added_ttft_{q}_ms"] = row["gateway"][f"ttft_{q}_ms"] - row["direct"][f"ttft_{q}_ms"]
+            row[f"added_tpot_{q}_ms"] = row["gateway"][f"tpot_{q}_ms"] - row["direct"][f"tpot_{q}_ms"]
+        self.run.log(f"latency {streams} streams: added TTFT p50 {row['added_ttft_p50_ms']:.1f} ms")
+        return row
+
+    def sequential_ttft(self, names: list[str]) -> list[float]:
+        """One request after another (max_tokens=1, direct), in order; their times to first token."""
+        level = self.pool.run(
+            "direct", self.direct, [(a, p) for a, p in zip(names, self.prompts(len(names)), strict=True)], 1, 1
+        )
+        if level.errors:
+            raise SystemExit(f"adapter-load requests failed: {level.errors[:3]}")
+        by_start = sorted(level.samples, key=lambda s: s.start)
+        return [s.ttft for s in by_start]
+
+    def adapter_loads(
+        self, mix: list[AdapterSpec], cold8: list[AdapterSpec], cold16: list[AdapterSpec], metrics_url: str
+    ) -> dict[str, Any]:
+        rows: dict[str, list[float]] = {}
+        n = self.args.samples
+        rows["base model"] = self.sequential_ttft([""] * n)
+        rows["adapter in a GPU slot"] = self.sequential_ttft([mix[0].name] * n)
+        for label, specs in (("rank 8", cold8), ("rank 16", cold16)):
+            cold, again = [], []
+            for spec in specs:  # first request (store -> disk -> engine -> slot), then the same adapter again
+                first, second = self.sequential_ttft([spec.name, spec.name])
+                cold.append(first)
+                again.append(second)
+            rows[f"cold {label} (store -> first token)"] = cold
+            rows[f"cold {label}, next request"] = again
+            rows[f"cold {label}: load cost (cold - next)"] = [a - b for a, b in zip(cold, again, strict=True)]
+        # Warm swap: a round robin over max_loras + 1 registered adapters, one request at a time; under vLLM's LRU
+        # every request finds its adapter pushed out of the slots since its last use (registered: cpu tier).
+        ring = [s.name for s in cold16] + [s.name for s in mix[: self.args.max_loras + 1 - len(cold16)]]
+        ranks = {s.name: s.rank for s in (*mix, *cold16)}
+        self.sequential_ttft(ring)  # sets the order up
+        misses = total(scrape(metrics_url), "lorafleet_adapter_cache_misses_total", tier="gpu")
+        order = ring * self.args.swap_rounds
+        swaps = self.sequential_ttft(order)
+        misses = total(scrape(metrics_url), "lorafleet_adapter_cache_misses_total", tier="gpu") - misses
+        slot = report.pct(rows["adapter in a GPU slot"], 0.5)
+        for rank in (8, 16):
+            values = [t for name, t in zip(order, swaps, strict=True) if ranks[name] == rank]
+            if values:
+                rows[f"warm swap rank {rank} (cpu -> gpu slot)"] = values
+                rows[f"warm swap rank {rank}: cost (swap - in slot p50)"] = [t - slot for t in values]
+        result: dict[str, Any] = {
+            k: {"p50_ms": report.pct(v, 0.5) * 1000, "p95_ms": report.pct(v, 0.95) * 1000, "n": len(v)}
+            for k, v in rows.items()
+        }
+        result["swap_ring"] = len(ring)
+        result["swap_requests"] = len(order)
+        result["swap_gpu_misses_reported"] = misses
+        return result
+
+
+def metrics_check(
+    counted: int, before: Any, after: Any, gw_before: Any, gw_after: Any, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The replica's and the gateway's token counters over the pass against our count; GPU memory metric vs
+    nvidia-smi at the same instants."""
+    name = "lorafleet_generation_tokens_total"
+    replica = total(after, name) - total(before, name)
+    gw = total(gw_after, "lorafleet_gateway_tokens_total", kind="completion") - total(
+        gw_before, "lorafleet_gateway_tokens_total", kind="completion"
+    )
+    memory = [
+        abs(r["metric_gpu_used_bytes"] - r["smi_used_bytes"]) / r["smi_used_bytes"]
+        for r in rows
+        if r["smi_used_bytes"] and r["metric_device"] != "cpu"
+    ]
+    return {
+        "bench_tokens": counted,
+        "replica_metric_tokens": replica,
+        "gateway_metric_tokens": gw,
+        "replica_vs_bench": replica / counted - 1 if counted else None,
+        "gateway_vs_bench": gw / counted - 1 if counted else None,
+        "gpu_memory_samples": len(memory),
+        "gpu_memory_max_rel_diff": max(memory) if memory else None,
+        "gpu_memory_metric_gib": rows[-1]["metric_gpu_used_bytes"] / 2**30 if rows else None,
+        "gpu_memory_smi_gib": (rows[-1]["smi_used_bytes"] or 0) / 2**30 if rows else None,
+        "gpu_util_pct_max": max((r["smi_util_pct"] or 0 for r in rows), default=None),
+    }

@@ -1,0 +1,66 @@
+"""bench/gpu_serving.py --quick on the CPU: our inference service and two gateways as processes, the embedded model,
+every stage of the GPU benchmark with tiny counts; and its --raw comparison on vLLM's offline engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK_OUTPUT_TOKENS = 4  # bench/gpu_serving.py --quick
+
+
+def run_bench(out: Path, *extra: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_serving.py"), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "(a/b) throughput" in result.stdout, result.stdout
+    return dict(json.loads((out / ("raw.json" if "--raw" in extra else "serving.json")).read_text()))
+
+
+def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
+    data = run_bench(tmp_path)
+    assert data["skipped"] == []
+    assert set(data["throughput"]) == {"base", "1 adapter", "2 adapters", "3 adapters, 2 slots"}
+    for case, row in data["throughput"].items():
+        for path in ("first_pass", "gateway", "direct"):
+            level = row[path]
+            assert level["errors"] == 0, (case, path, level["first_errors"])
+            # ignore_eos through the gateway and the gRPC contract: every request makes exactly max_tokens
+            assert level["tokens_per_request_min"] == level["tokens_per_request_max"] == QUICK_OUTPUT_TOKENS
+            assert level["out_tok_s"] > 0 and level["ttft_p50_ms"] > 0
+        check = row["gateway"]["check"]  # the replica's and the gateway's token counters match our count
+        assert check["bench_tokens"] == check["replica_metric_tokens"] == check["gateway_metric_tokens"] > 0
+    assert data["throughput"]["base"]["gateway_all"]["errors"] == 0  # spread over both gateways
+    assert set(data["latency"]) == {"1", "2"}
+    for row in data["latency"].values():
+        assert row["direct"]["errors"] == row["gateway"]["errors"] == 0
+        assert row["gateway"]["tpot_p50_ms"] > 0
+    loads = data["adapter_loads"]
+    for key in ("cold rank 8 (store -> first token)", "cold rank 16 (store -> first token)"):
+        assert loads[key]["n"] == 1 and loads[key]["p50_ms"] > 0
+    assert loads["warm swap rank 8 (cpu -> gpu slot)"]["n"] + loads["warm swap rank 16 (cpu -> gpu slot)"]["n"] == 3
+    assert loads["swap_gpu_misses_reported"] == loads["swap_requests"]  # every warm-swap request missed its slot
+    assert data["versions"]["vllm"]
+
+
+def test_gpu_serving_bench_quick_raw_engine(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "--raw")
+    assert data["engine_kwargs"]["enable_lora"] is True and data["engine_kwargs"]["max_loras"] == 2
+    assert set(data["throughput"]) == {"base", "1 adapter", "2 adapters", "3 adapters, 2 slots"}
+    for row in data["throughput"].values():
+        raw = row["raw"]
+        assert raw["tokens_per_request_min"] == raw["tokens_per_request_max"] == QUICK_OUTPUT_TOKENS
+        assert raw["out_tok_s"] > 0
