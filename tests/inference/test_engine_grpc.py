@@ -317,10 +317,11 @@ async def test_error_statuses(replica: Replica) -> None:
 
     assert await status_of(gen(adapter="no-such-adapter")) == grpc.StatusCode.NOT_FOUND
     assert await status_of(gen(adapter="../../etc/passwd")) == grpc.StatusCode.INVALID_ARGUMENT
+    # Over the context: OUT_OF_RANGE, which the gateway answers as OpenAI's context_length_exceeded.
     long_prompt = pb.GenerateRequest(prompt="word " * 2000, sampling=GREEDY)
-    assert await status_of(replica.stub.Generate(long_prompt, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await status_of(replica.stub.Generate(long_prompt, timeout=30)) == grpc.StatusCode.OUT_OF_RANGE
     too_many = pb.SamplingParams(max_tokens=10_000)
-    assert await status_of(gen(sampling=too_many)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await status_of(gen(sampling=too_many)) == grpc.StatusCode.OUT_OF_RANGE
     assert await status_of(gen(sampling=pb.SamplingParams(temperature=-1))) == grpc.StatusCode.INVALID_ARGUMENT
     assert await status_of(gen(chat=pb.ChatInput())) == grpc.StatusCode.INVALID_ARGUMENT
     assert await status_of(replica.stub.Generate(pb.GenerateRequest(), timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
