@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 import httpx
+from serving.stack import cpu_seconds  # bench/ is on sys.path: this file runs as a script
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -60,15 +61,6 @@ class Run:
     @property
     def tokens_per_s(self) -> float:
         return sum(s.tokens for s in self.samples) / self.wall_s if self.wall_s else 0.0
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

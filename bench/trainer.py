@@ -45,24 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from serving.model import QWEN25_7B  # bench/ is on sys.path: this file runs as a script
 
 from lorafleet_trainer import train_loop
 from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
-# The public Qwen2.5-7B architecture (config.json of Qwen/Qwen2.5-7B-Instruct), for random-weight runs.
-QWEN25_7B = {
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
 CASES = [  # (name, our loop?, packing, gradient checkpointing)
     ("hf+peft", False, False, False),
     ("hf+peft +gc", False, False, True),
@@ -107,7 +95,8 @@ def load_model(args: argparse.Namespace, device: torch.device, lora: LoraSpec) -
     torch.set_default_dtype(dtype)  # build the weights directly in the training dtype, on the device
     try:
         with device:
-            base = AutoModelForCausalLM.from_config(config)
+            # dtype explicitly: the architecture's config names bfloat16, the run's dtype wins (fp32 on CPU).
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
     return train_loop.add_lora(base, lora, 0), f"{args.model} (random weights)"
