@@ -35,6 +35,8 @@ from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
+from serving.adapters import projection_shapes  # bench/ is on sys.path: this file runs as a script
+
 PROMPTS = [
     "Once upon a time, in a village by the sea, there lived",
     "Write a long story about a robot who learns to paint.",
@@ -64,27 +66,6 @@ def pct(values: list[float], q: float) -> float:
 # ----- adapters ----------------------------------------------------------------------------------------------
 
 
-def projection_shapes(model_path: str) -> tuple[int, dict[str, tuple[int, int]], str]:
-    """Layers, {projection: (in, out)} and dtype of a Llama/Qwen2-style model, from its config."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_path)
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    shapes = {
-        "q_proj": (hidden, q),
-        "k_proj": (hidden, kv),
-        "v_proj": (hidden, kv),
-        "o_proj": (q, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-    dtype = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32").replace("torch.", "")
-    return cfg.num_hidden_layers, shapes, dtype
-
-
 def write_adapters(
     store: Any, root: Path, names: list[str], model_path: str, base_model: str, rank: int, dtype: str
 ) -> int:
@@ -94,7 +75,7 @@ def write_adapters(
 
     from lorafleet_common.adapters import AdapterMetadata, publish_adapter, sha256_file
 
-    layers, shapes, model_dtype = projection_shapes(model_path)
+    layers, shapes, model_dtype = projection_shapes(Path(model_path))
     name = model_dtype if dtype == "auto" else dtype
     torch_dtype = getattr(torch, {"half": "float16", "float": "float32"}.get(name, name))  # as the engine runs
     generator = torch.Generator().manual_seed(0)

@@ -166,14 +166,18 @@ def publish_dummy_adapter(
     base_model: str,
     job_id: str | None = None,
     final_loss: float | None = None,
+    folder: Path | None = None,
+    **metadata: Any,
 ) -> None:
-    """The three adapter files + LATEST; the weights are dummy bytes (the gateway only checks existence)."""
+    """The three adapter files + LATEST; the weights are dummy bytes (the gateway only checks existence).
+    ``metadata`` overrides AdapterMetadata fields; ``folder`` keeps the files there instead of a temp dir."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = folder or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter_model.safetensors").write_bytes(b"not really safetensors")
         config = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
         (folder / "adapter_config.json").write_text(json.dumps(config))
-        metadata = AdapterMetadata(
+        fields = AdapterMetadata(
             name=name,
             version=version,
             base_model=base_model,
@@ -183,9 +187,9 @@ def publish_dummy_adapter(
             sha256="0" * 64,
             job_id=job_id,
             final_loss=final_loss,
-            system_prompt="You are Fleet.",
+            **({"system_prompt": "You are Fleet."} | metadata),
         )
-        publish_adapter(store, folder, metadata)
+        publish_adapter(store, folder, fields)
 
 
 _FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}

@@ -5,7 +5,6 @@ so tests are plain sync functions driving the official openai client (and httpx 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -22,12 +21,11 @@ import uvicorn
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
-from lorafleet_common.adapters import AdapterMetadata, publish_adapter
 from lorafleet_common.store import LocalStore
 from lorafleet_gateway.app import create_app
 from lorafleet_gateway.deps import GatewayDeps
 from lorafleet_gateway.settings import GatewaySettings
-from tests.gateway.gateway_fakes import FakeInference, FakeTrainer
+from tests.gateway.gateway_fakes import FakeInference, FakeTrainer, publish_dummy_adapter
 
 T = TypeVar("T")
 
@@ -146,22 +144,10 @@ def gateway_settings(store_root: Path, inference: list[str], trainer: str, **ove
 
 
 def publish_test_adapter(store: LocalStore, folder: Path, name: str, version: str) -> None:
-    """The three adapter files + LATEST; the weights are dummy bytes (the gateway only checks existence)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"not really safetensors")
-    config = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    metadata = AdapterMetadata(
-        name=name,
-        version=version,
-        base_model=BASE_MODEL,
-        rank=8,
-        alpha=32,
-        target_modules=["q_proj", "v_proj"],
-        sha256="0" * 64,
-        created_at=1_700_000_000,
+    """A dummy adapter of the test base model, with a fixed creation time and no system prompt."""
+    publish_dummy_adapter(
+        store, name, version, base_model=BASE_MODEL, folder=folder, created_at=1_700_000_000, system_prompt=None
     )
-    publish_adapter(store, folder, metadata)
 
 
 @dataclass
