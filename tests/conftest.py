@@ -12,6 +12,8 @@ import pytest
 
 from lorafleet_common.store import S3Config
 
+pytest_plugins = ["tests.postgres"]  # the postgres_server fixture
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tests share the demo's model cache so the embedded model is converted once per machine.
 MODEL_CACHE = Path(os.environ.get("LORAFLEET_HOME", REPO_ROOT / ".lorafleet")) / "models"

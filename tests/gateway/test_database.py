@@ -3,12 +3,6 @@ the code's tables, and the tenant directory on a real PostgreSQL when its server
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +16,8 @@ from lorafleet_gateway.db.tables import metadata
 from lorafleet_gateway.errors import Conflict, NotFound
 from lorafleet_gateway.tenancy.directory import TenantDirectory
 from lorafleet_gateway.tenancy.keys import hash_key
-from tests.conftest import free_port
 from tests.gateway.gateway_harness import Stack, gateway_settings, start_gateway, stop_gateway
+from tests.postgres import PostgresServer
 
 HEAD = "0002"
 
@@ -101,51 +95,10 @@ def test_directory_on_sqlite(tmp_path: Path) -> None:
 
 # -- PostgreSQL -------------------------------------------------------------------------------------
 
-PG_PACKAGE = "postgresql (Debian/Ubuntu: apt-get install -y postgresql)"
-
-
-def pg_bin() -> Path | None:
-    """The folder holding initdb and pg_ctl: on PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(found).resolve().parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
-    return Path(candidates[0]).parent if candidates else None
-
 
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server on a loopback port, in a temp dir; stopped and removed afterwards."""
-    bindir = pg_bin()
-    if bindir is None:
-        pytest.skip(f"PostgreSQL server binaries (initdb, pg_ctl) are not installed; install {PG_PACKAGE}")
-    pytest.importorskip("psycopg", reason="the psycopg driver is needed: pip install 'psycopg[binary]'")
-    # Not under pytest's tmp dir: that is private to our user, and the server may run as another one.
-    root = Path(tempfile.mkdtemp(prefix="lorafleet-gateway-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    # PostgreSQL refuses to run as root: run it as the postgres user then (the package creates one).
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root and runuser is missing: cannot start PostgreSQL as another user")
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120, cwd=root)
-
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "lorafleet", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off"
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "-t", "60", "start")
-    try:
-        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "lorafleet", "gateway")
-        yield f"postgresql+psycopg://lorafleet@127.0.0.1:{port}/gateway"
-    finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.database("gateway")
 
 
 def test_directory_on_postgresql(postgres_url: str) -> None:

@@ -73,6 +73,7 @@ async def start_trainer(unused_port: Callable[[], int]) -> AsyncIterator[StartTr
             "job_poll_interval_s": 0.5,
             "cancel_grace_s": 3.0,
             "shutdown_grace_s": 1.0,
+            "torch_threads": 1,  # the machine is shared by parallel servers: one thread per worker is fastest
         } | overrides
         app = TrainerApp(TrainerSettings(**fields))
         await app.start()

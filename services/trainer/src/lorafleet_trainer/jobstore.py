@@ -213,7 +213,10 @@ class JobStore:
         if unknown:
             raise ValueError(f"unknown job fields {sorted(unknown)}")
         with self._guard(), self.engine.begin() as conn:
-            current = conn.execute(sa.select(jobs_table.c.state).where(jobs_table.c.id == job_id)).scalar()
+            # FOR UPDATE: on PostgreSQL, trainers sharing the database take turns on the row, so two cannot
+            # both claim a queued job or number two events alike (sqlite locks the whole file instead).
+            query = sa.select(jobs_table.c.state).where(jobs_table.c.id == job_id).with_for_update()
+            current = conn.execute(query).scalar()
             if current is None:
                 raise JobNotFound(f"job {job_id!r} does not exist")
             if only_from is not None and JobState(current) not in only_from:
@@ -230,13 +233,21 @@ class JobStore:
         progress: dict[str, float] | None,
         changes: dict[str, Any],
     ) -> EventRecord:
-        seq = int(conn.execute(sa.select(jobs_table.c.last_seq).where(jobs_table.c.id == job_id)).scalar_one()) + 1
+        last = sa.select(jobs_table.c.last_seq).where(jobs_table.c.id == job_id).with_for_update()
+        seq = int(conn.execute(last).scalar_one()) + 1
+        # PostgreSQL text cannot hold NUL, and messages and errors may quote one from a bad file.
+        message = _no_nul(message)
+        changes = {k: _no_nul(v) if isinstance(v, str) else v for k, v in changes.items()}
         conn.execute(
             jobs_table.update().where(jobs_table.c.id == job_id).values(state=int(state), last_seq=seq, **changes)
         )
         event = EventRecord(job_id, seq, time.time(), kind, state, message, progress)
         conn.execute(events_table.insert().values(**vars(event) | {"state": int(state)}))
         return event
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
 
 
 class _Guard:
