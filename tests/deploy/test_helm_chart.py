@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
 
+from lorafleet_trainer.k8s_api import RBAC_RULES
+from lorafleet_trainer.k8s_objects import build_job
+from lorafleet_trainer.protocol import S3Settings, WorkerSpec
+from lorafleet_trainer.settings import TrainerSettings
 from tests.deploy.conftest import CHART_DIR, DEPLOY_DIR, Render
 from tests.deploy.manifest_checks import SERVICE_MONITOR_SCHEMA, Rendered, pod_specs, reference_problems
 
@@ -80,6 +85,25 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             },
             "image": {"prefix": "registry.example.com/lorafleet", "tag": "0.1.0", "pullSecrets": ["regcred"]},
+        }
+    ),
+    "kubernetes-jobs": with_required(
+        {
+            "trainer": {
+                "launcher": "kubernetes",
+                "jobs": {
+                    "resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
+                    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "startTimeoutSeconds": 900,
+                    "activeDeadlineSeconds": 86400,
+                    "ttlSecondsAfterFinished": 3600,
+                    "modelCacheClaim": "lorafleet-models",
+                    "serviceAccountName": "",
+                },
+            },
+            "model": {"hfTokenSecret": "hf-token"},
+            "networkPolicy": {"enabled": True},
         }
     ),
 }
@@ -158,9 +182,6 @@ def test_defaults_run_the_fleet_on_gpus_with_bundled_minio(rendered: dict[str, l
         ("Deployment", "-trainer"),
         ("Service", "-trainer"),
         ("PersistentVolumeClaim", "-trainer"),
-        ("Role", "-trainer"),
-        ("RoleBinding", "-trainer"),
-        ("ServiceAccount", "-trainer"),
         ("StatefulSet", "-minio"),
         ("Service", "-minio"),
         ("Job", "-minio-bucket-1"),
@@ -178,12 +199,11 @@ def test_defaults_run_the_fleet_on_gpus_with_bundled_minio(rendered: dict[str, l
     assert headless.manifest["spec"]["clusterIP"] == "None"
     assert config_value(docs, "-common", "LORAFLEET_BASE_MODEL") == "Qwen/Qwen2.5-7B-Instruct"
     assert config_value(docs, "-common", "LORAFLEET_S3_ENDPOINT") == "demo-lorafleet-minio:9000"
-    (role,) = find(docs, "Role", "-trainer")
-    assert {
-        "apiGroups": ["batch"],
-        "resources": ["jobs"],
-        "verbs": ["create", "get", "list", "watch", "delete"],
-    } in role.manifest["rules"]
+    # Jobs run in the trainer pod by default: it gets no Kubernetes API access at all.
+    assert not find(docs, "Role") and not find(docs, "RoleBinding") and not find(docs, "ServiceAccount")
+    (trainer,) = find(docs, "Deployment", "-trainer")
+    assert trainer.manifest["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert container(trainer)["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_external_s3_uses_existing_secrets_and_no_minio(rendered: dict[str, list[Rendered]]) -> None:
@@ -263,6 +283,57 @@ def test_gateway_knows_every_inference_replica_by_its_stable_name(rendered: dict
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container(inference)["volumeMounts"]
     assert container(inference)["image"] == "registry.example.com/lorafleet/inference:0.1.0"
     assert find(docs, "PodDisruptionBudget", "-inference")
+
+
+def test_kubernetes_jobs_launcher_gets_minimal_rbac_and_valid_settings(
+    rendered: dict[str, list[Rendered]], k8s_validate: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = rendered["kubernetes-jobs"]
+    (role,) = find(docs, "Role", "-trainer")
+    granted = sorted((r["apiGroups"], r["resources"], r["verbs"]) for r in role.manifest["rules"])
+    assert granted == sorted(([group], [resource], list(verbs)) for group, resource, verbs in RBAC_RULES)
+    (binding,) = find(docs, "RoleBinding", "-trainer")
+    (account,) = find(docs, "ServiceAccount", "-trainer")
+    assert binding.manifest["subjects"] == [{"kind": "ServiceAccount", "name": account.name, "namespace": "fleet"}]
+    (trainer,) = find(docs, "Deployment", "-trainer")
+    pod = trainer.manifest["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account.name and pod["automountServiceAccountToken"] is True
+    assert "nvidia.com/gpu" not in json.dumps(pod)  # the GPUs go to the job pods
+
+    # The trainer reads its ConfigMap as it would in the pod, and the Jobs it then builds are valid.
+    (config,) = find(docs, "ConfigMap", "-trainer")
+    (common,) = find(docs, "ConfigMap", "-common")
+    for key, value in {**common.manifest["data"], **config.manifest["data"]}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    monkeypatch.delenv("LORAFLEET_TRAINER_DATABASE_URL")
+    settings = TrainerSettings()
+    assert settings.launcher == "kubernetes" and settings.k8s_config == "in-cluster"
+    assert settings.k8s_namespace == "fleet" and settings.k8s_image == "lorafleet/trainer:0.1.0"
+    assert settings.k8s_gpu_resource == "nvidia.com/gpu" and settings.k8s_start_timeout_s == 900
+    assert settings.k8s_env == [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}
+    ]
+    spec = WorkerSpec(
+        job_id="ftjob-1",
+        manifest={"base_model": "m", "adapter_name": "a", "datasets": ["d.jsonl"], "resources": {"devices": 4}},
+        store_url="s3://lorafleet",
+        s3=S3Settings(endpoint="e", access_key="a", secret_key="s", secure=False, region=None, timeout_s=1),
+        model_cache_dir="/m",
+    )
+    job = build_job(settings, "fleet", spec).job
+    for version in KUBERNETES_VERSIONS:
+        k8s_validate.validate(job, version, strict=True)
+    job_pod = job["spec"]["template"]["spec"]
+    assert job_pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "96Gi", "nvidia.com/gpu": "4"},
+    }
+    assert job_pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    # The job pods may reach MinIO through its NetworkPolicy.
+    (minio_policy,) = find(docs, "NetworkPolicy", "-minio")
+    selectors = [p["podSelector"]["matchLabels"] for p in minio_policy.manifest["spec"]["ingress"][0]["from"]]
+    assert any(s.items() <= job["spec"]["template"]["metadata"]["labels"].items() for s in selectors)
 
 
 def test_every_template_is_exercised(rendered: dict[str, list[Rendered]]) -> None:

@@ -1,4 +1,5 @@
-"""bench/trainer.py --smoke runs end to end on the embedded model and reports every case against the baseline."""
+"""The training benchmarks' CPU smoke runs: bench/trainer.py reports every case against the baseline, and
+bench/seeds_workload.py takes the seeds' job through the worker's real code path to a published adapter."""
 
 from __future__ import annotations
 
@@ -7,26 +8,63 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
-CASES = ["hf+peft", "hf+peft +gc", "ours", "ours +gc", "ours packed", "ours packed +gc"]
+CASES = ["hf+peft", "hf+peft +gc", "ours", "ours +gc", "ours packed", "ours packed +gc", "ours packed x2 peft-fwd"]
+pytestmark = pytest.mark.timeout(900)
 
 
 def test_trainer_bench_smoke(tmp_path: Path, embedded_model_path: Path) -> None:
     out = tmp_path / "bench.json"
+    cases = [*CASES, "ours nf4"]  # QLoRA needs CUDA: reported as skipped, with the reason
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "trainer.py"), "--smoke", "--json-out", str(out)],
+        [sys.executable, str(REPO / "bench" / "trainer.py"), "--smoke", "--cases", ",".join(cases)]
+        + ["--model", str(embedded_model_path), "--json-out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=800,
         cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "MFU = 4 * N_matmul * tokens/s / peak" in result.stdout
     table = result.stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("case"))
-    assert [line[:18].strip() for line in table[header + 1 : header + 1 + len(CASES)]] == CASES
+    assert [line[:28].strip() for line in table[header + 1 : header + 1 + len(cases)]] == cases
     data = json.loads(out.read_text())["results"]
-    assert [c["case"] for c in data["cases"]] == CASES
-    assert all(c["tok_s"] > 0 and c["peak_bytes"] > 0 for c in data["cases"])
-    assert all(c["mfu"] is None for c in data["cases"])  # CPU: no peak FLOP/s given, MFU is n/a
+    measured = [c for c in data["cases"] if "skipped" not in c]
+    assert [c["case"] for c in measured] == CASES
+    assert all(c["tok_s"] > 0 and c["peak_bytes"] > 0 for c in measured)
+    assert all(c["mfu"] is None for c in measured)  # CPU: no peak FLOP/s given, MFU is n/a
+    assert "needs a CUDA GPU" in data["cases"][-1]["skipped"]
     assert data["packs"] < data["rows"] and data["n_matmul"] > data["trainable"] > 0
+    # The packing check: one pack of rows equals the same rows padded; attention across rows (the control) does not.
+    check = data["models"]["base"]["packing_check"]
+    assert check["packed_vs_padded"]["loss_rel"] < 1e-5 and check["packed_vs_padded"]["grad_rel"] < 1e-4
+    assert check["leaky_vs_padded"]["grad_rel"] > 100 * max(check["packed_vs_padded"]["grad_rel"], 1e-6)
+
+
+def test_seeds_workload_smoke(tmp_path: Path, embedded_model_path: Path) -> None:
+    out = tmp_path / "seeds.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "seeds_workload.py"), "--smoke", "--model", str(embedded_model_path)]
+        + ["--work", str(tmp_path / "work"), "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["files"]["files/alpaca-gpt4-data-zh.jsonl"] == 40  # made-up rows, sampled #5 by the job
+    [job] = data["jobs"]
+    assert job["error"] == "" and job["packing"] is True
+    assert job["training_rows"] == 5 + 5 + 2 and job["rows_dropped"] == 0
+    assert job["steps"] >= 1 and job["trained_tokens"] > 0 and job["tokens_per_s"] > 0
+    assert job["random_weights_seconds"] is not None  # the weights were made, not read
+    phases = job["seconds"]
+    for phase in ("read+validate", "tokenize", "model build", "training", "save", "publish", "total"):
+        assert phases[phase] > 0, phase
+    assert phases["total"] >= phases["training"] + phases["model build"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "metadata.json"} <= set(job["adapter_files"])
+    assert "phase (seconds)" in result.stdout and "published" in result.stdout

@@ -31,6 +31,7 @@ from lorafleet_trainer.checkpoint import (
     save_checkpoint,
 )
 from lorafleet_trainer.datasets import Example, Message
+from lorafleet_trainer.launch import LocalWorker
 from lorafleet_trainer.main import TrainerApp
 from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import ChatTokenizer, TokenizedExample
@@ -192,8 +193,8 @@ def _crash(app: TrainerApp) -> None:
     """What a trainer crash leaves behind: the worker killed, nothing recorded, no graceful shutdown."""
     scheduler = app.service.scheduler
     run = scheduler._current
-    assert run is not None and run.process is not None
-    os.killpg(run.process.pid, signal.SIGKILL)
+    assert run is not None and isinstance(run.worker, LocalWorker)
+    os.killpg(run.worker.pid, signal.SIGKILL)
     assert scheduler._task is not None
     scheduler._task.cancel()  # in the same breath: the supervisor never sees the worker's end
     app.service.accepting = False  # the fixture must not stop it gracefully either

@@ -4,7 +4,7 @@ One job's checkpoints::
 
     checkpoints/<job_id>/step-<n>/adapter.safetensors   the trainable (LoRA) weights
     checkpoints/<job_id>/step-<n>/optimizer.pt          AdamW's state_dict
-    checkpoints/<job_id>/step-<n>/rng.pt                torch CPU (and CUDA) generator states
+    checkpoints/<job_id>/step-<n>/rng.pt                torch CPU (and CUDA) generator states, of every rank
     checkpoints/<job_id>/step-<n>/state.json            step, data position, batch-planner RNG, tokens, loss history
     checkpoints/<job_id>/LATEST                         "step-<n>", written last
 
@@ -53,6 +53,8 @@ class LoopState:
     ``epoch``'s batch plan is rebuilt from ``planner_state`` (the planner RNG's state when that epoch was
     planned); ``group`` is the index of the next optimizer-step group in it (it may equal the number of
     groups: the epoch is done and the next one is planned from the RNG as rebuilding left it).
+    ``torch_rng`` and ``cuda_rng`` are rank 0's; ``other_ranks_rng`` holds ranks 1.. of a data parallel run
+    (``{"cpu": tensor, "cuda": [tensor]}`` each), so each rank's dropout draws continue where they stopped.
     """
 
     step: int
@@ -65,6 +67,7 @@ class LoopState:
     optimizer: dict[str, Any]
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] = field(default_factory=list)
+    other_ranks_rng: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,7 +126,8 @@ def save_checkpoint(store: ObjectStore, job_id: str, checkpoint: Checkpoint, kee
     weights = {name: t.detach().to("cpu").contiguous() for name, t in checkpoint.adapter.items()}
     store.put(f"{prefix}/{ADAPTER_FILE}", save_safetensors(weights))
     store.put(f"{prefix}/{OPTIMIZER_FILE}", _torch_bytes(loop.optimizer))
-    store.put(f"{prefix}/{RNG_FILE}", _torch_bytes({"cpu": loop.torch_rng, "cuda": list(loop.cuda_rng)}))
+    rng = {"cpu": loop.torch_rng, "cuda": list(loop.cuda_rng), "ranks": list(loop.other_ranks_rng)}
+    store.put(f"{prefix}/{RNG_FILE}", _torch_bytes(rng))
     state = {
         "format": FORMAT_VERSION,
         "step": loop.step,
@@ -219,6 +223,7 @@ def load_latest_checkpoint(store: ObjectStore, job_id: str) -> Checkpoint | None
             optimizer=optimizer,
             torch_rng=rng["cpu"],
             cuda_rng=list(rng.get("cuda") or []),
+            other_ranks_rng=list(rng.get("ranks") or []),
         )
         history = [dict(record) for record in state["history"]]
         fingerprint = str(state["fingerprint"])

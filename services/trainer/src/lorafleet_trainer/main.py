@@ -18,6 +18,7 @@ from lorafleet_common.logs import configure_logging
 from lorafleet_common.store import ObjectStore
 from lorafleet_trainer.grpc_server import TrainerGrpcServer
 from lorafleet_trainer.jobstore import JobStore
+from lorafleet_trainer.launch import build_launcher
 from lorafleet_trainer.metrics import TrainerMetrics
 from lorafleet_trainer.service import TrainerService
 from lorafleet_trainer.settings import TrainerSettings
@@ -34,7 +35,9 @@ class TrainerApp:
         self.settings = settings
         self.jobs = JobStore(settings.resolved_database_url(), timeout_s=settings.store_call_timeout_s)
         self.metrics = TrainerMetrics(registry)
-        self.service = TrainerService(settings, store or settings.open_store(), self.jobs, self.metrics)
+        self.service = TrainerService(
+            settings, store or settings.open_store(), self.jobs, self.metrics, build_launcher(settings)
+        )
         self.tls = settings.grpc_tls()
         self.grpc = TrainerGrpcServer(self.service, settings.host, settings.grpc_port, self.tls)
         self._metrics_server: Any = None

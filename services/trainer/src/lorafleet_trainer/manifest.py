@@ -131,6 +131,23 @@ class TrainingSpec(BaseModel):
     )
 
 
+MAX_DEVICES = 64  # one host: 8 GPUs is the usual most; the trainer's host check is the real bound
+
+
+class ResourcesSpec(BaseModel):
+    """What the job runs on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    devices: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_DEVICES,
+        description="GPUs the job trains on, one process each, data parallel on one host (torchrun); the "
+        "result is the same as with 1. On a host without CUDA: CPU processes (gloo), at most its CPU count.",
+    )
+
+
 class ValidationSpec(BaseModel):
     """Held-out rows whose mean next-token loss (``eval_loss``) is reported while training."""
 
@@ -176,6 +193,7 @@ class JobManifest(BaseModel):
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="What the job runs on.")
     validation: ValidationSpec | None = Field(
         default=None, description="Held-out rows to report an eval_loss on; null = no evaluation."
     )

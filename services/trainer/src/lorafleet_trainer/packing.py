@@ -5,6 +5,7 @@ depend on the shuffle, so ``total_steps`` is exact), then the packs are shuffled
 position ids restart at 0 on every row, and attention is block-diagonal causal:
 
 - with flash-attention, transformers reads the row starts from the position ids (varlen kernels);
+- with torch's varlen attention (CUDA, attention.py), the rows' boundaries (``cu_seq_lens``) go to the kernel;
 - otherwise (sdpa, eager) we pass an explicit 4D block-diagonal causal mask, so isolation does not
   depend on any heuristic inside the model code.
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lorafleet_trainer.attention import VARLEN_ATTENTION
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -52,6 +54,7 @@ def collate_packed(packs: list[list[TokenizedExample]], pad_id: int, device: tor
     labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(packs), width), dtype=torch.long)
     sequence_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    segments: list[int] = []  # every row's length, and each pack's padding, in token order (varlen attention)
     for b, pack in enumerate(packs):
         start = 0
         for k, row in enumerate(pack):
@@ -60,14 +63,21 @@ def collate_packed(packs: list[list[TokenizedExample]], pad_id: int, device: tor
             labels[b, start + 1 : start + n] = torch.tensor(row.labels[1:])  # the row's first label stays -100
             positions[b, start : start + n] = torch.arange(n)
             sequence_ids[b, start : start + n] = k
+            segments.append(n)
             start += n
         positions[b, start:] = torch.arange(width - start)
         sequence_ids[b, start:] = len(pack)
+        if start < width:
+            segments.append(width - start)
+    boundaries = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    boundaries[1:] = torch.tensor(segments).cumsum(0)
     return {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
         "position_ids": positions.to(device),
         "sequence_ids": sequence_ids.to(device),
+        "cu_seq_lens": boundaries.to(device),
+        "max_seq_len": torch.tensor(max(segments)),  # stays on the CPU: read without a device sync
     }
 
 
@@ -90,6 +100,11 @@ def packed_model_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str,
     if "flash" in implementation:
         inputs["attention_mask"] = None  # the varlen kernels split rows where the position ids restart
         return inputs
+    if implementation == VARLEN_ATTENTION and "cu_seq_lens" in batch:
+        # attention.py: the rows' boundaries select the varlen kernel; the mask below stays for any fallback.
+        longest = int(batch["max_seq_len"])
+        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"])
+        inputs.update(max_length_q=longest, max_length_k=longest)
     allowed = block_causal_mask(batch["sequence_ids"])
     if implementation == "eager":  # eager adds the mask to the scores: it must be additive
         dtype = model.get_input_embeddings().weight.dtype

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lorafleet_common.store import S3Config
 
 SPEC_FILE = "spec.json"
+SPEC_FILE_ENV = "LORAFLEET_WORKER_SPEC_FILE"
 LOG_FILE = "worker.log"
 
 WorkerEventKind = Literal["state", "progress", "checkpoint", "log", "publishing", "published", "failed"]
@@ -77,7 +78,10 @@ def write_spec(job_dir: Path, spec: WorkerSpec) -> Path:
 
 
 def read_spec(job_dir: Path) -> WorkerSpec:
-    return WorkerSpec.model_validate_json((job_dir / SPEC_FILE).read_text())
+    """``<job-dir>/spec.json``, or the file ``$LORAFLEET_WORKER_SPEC_FILE`` names: a Kubernetes Job's Secret,
+    mounted read-only outside the job folder, so the worker's clean-up of ``<job-dir>/spec.json`` leaves it be."""
+    path = Path(os.environ.get(SPEC_FILE_ENV) or job_dir / SPEC_FILE)
+    return WorkerSpec.model_validate_json(path.read_text())
 
 
 def parse_event_line(line: bytes) -> WorkerEvent | None:

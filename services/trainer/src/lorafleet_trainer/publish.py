@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +16,62 @@ from lorafleet_common.adapters import (
     check_adapter_config,
     check_weight_names,
     load_config_file,
+    publish_adapter,
     sha256_file,
 )
+from lorafleet_common.store import ObjectStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 TRAINING_LOG_FILE = "training_log.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
+# A trained adapter outlives a store outage this long (retried with backoff) before its job fails: the
+# training it holds costs far more than the wait. Bounded, so a store that never comes back ends the job.
+PUBLISH_RETRY_S = 600.0
+PUBLISH_BACKOFF_S = (1.0, 30.0)  # first wait, longest wait (doubling in between)
 
 
 class UnservableAdapter(RuntimeError):
     """The saved adapter breaks a serving rule (should not happen: the manifest was checked at submit)."""
+
+
+class PublishFailed(RuntimeError):
+    """The object store stayed unreachable for the whole retry period; the message is the job's reason."""
+
+
+def publish_with_retry(
+    store: ObjectStore,
+    folder: Path,
+    metadata: AdapterMetadata,
+    warn: Callable[[str], None],
+    *,
+    give_up_after_s: float = PUBLISH_RETRY_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """``publish_adapter``, retried with exponential backoff while the store is unreachable.
+
+    Publishing is idempotent (the version's files are rewritten, LATEST last), so a retry after a
+    half-done attempt is safe. Only StoreUnavailable is retried: any other error will not go away.
+    ``warn`` reports each failed attempt (a job event), so the job shows why it has not finished.
+    """
+    deadline = clock() + give_up_after_s
+    wait, longest = PUBLISH_BACKOFF_S
+    attempt = 1
+    while True:
+        try:
+            return publish_adapter(store, folder, metadata)
+        except StoreUnavailable as exc:
+            left = deadline - clock()
+            if left <= 0:
+                raise PublishFailed(
+                    f"the adapter {metadata.name}@{metadata.version} could not be published: the object store "
+                    f"stayed unreachable for {give_up_after_s:.0f} s ({attempt} attempts): {exc}"
+                ) from exc
+            pause = min(wait, left)
+            warn(f"warning: publishing failed (attempt {attempt}), retrying in {pause:.0f} s: {exc}")
+            sleep(pause)
+            wait, attempt = min(wait * 2, longest), attempt + 1
 
 
 def save_adapter(model: Any, folder: Path, max_rank: int, base_model: str) -> dict[str, Any]:

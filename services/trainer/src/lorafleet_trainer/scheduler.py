@@ -1,7 +1,7 @@
-"""Runs queued jobs one at a time (FIFO), each in its own worker process.
+"""Runs queued jobs one at a time (FIFO), each in its own worker.
 
-The worker is started in a new session so a cancel or shutdown can signal its
-whole process group. Its JSON-line events become job events in the database;
+A ``Launcher`` starts the worker (a local process group, or a Kubernetes Job) and
+lets the scheduler signal it on cancel or shutdown. Its JSON-line events become job events in the database;
 watchers are woken through ``EventBus``. A job re-queued mid-run resumes from
 its latest checkpoint (the worker looks for one); a job's checkpoints are
 deleted once it reaches a final state, whichever it is: nothing can resume it.
@@ -12,30 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lorafleet_common.store import ObjectStore, StoreError
 from lorafleet_trainer.checkpoint import discard_checkpoints
 from lorafleet_trainer.eventbus import EventBus
 from lorafleet_trainer.jobstore import EventRecord, JobRecord, JobState, JobStore
+from lorafleet_trainer.launch import Launcher, LocalLauncher, Worker
 from lorafleet_trainer.metrics import TrainerMetrics
 from lorafleet_trainer.notify import preload_adapter
-from lorafleet_trainer.protocol import (
-    LOG_FILE,
-    SPEC_FILE,
-    S3Settings,
-    WorkerEvent,
-    WorkerSpec,
-    parse_event_line,
-    write_spec,
-)
+from lorafleet_trainer.protocol import S3Settings, WorkerEvent, WorkerSpec, parse_event_line
 from lorafleet_trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -47,7 +36,7 @@ ACTIVE = (JobState.VALIDATING, JobState.RUNNING)
 class RunningJob:
     job_id: str
     state: JobState = JobState.VALIDATING
-    process: asyncio.subprocess.Process | None = None
+    worker: Worker | None = None
     cancelled: bool = False
     requeue: bool = False
     publishing: bool = False
@@ -57,8 +46,16 @@ class RunningJob:
 
 
 class Scheduler:
-    def __init__(self, settings: TrainerSettings, jobs: JobStore, metrics: TrainerMetrics, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        jobs: JobStore,
+        metrics: TrainerMetrics,
+        store: ObjectStore,
+        launcher: Launcher | None = None,
+    ) -> None:
         self.settings = settings
+        self.launcher = launcher or LocalLauncher()
         self.jobs = jobs
         self.store = store
         self.metrics = metrics
@@ -142,9 +139,8 @@ class Scheduler:
                 await self._supervise(job, run)
         except asyncio.CancelledError:
             # Shutdown gave up waiting: never leave a worker behind (it runs in its own session).
-            if run.process is not None and run.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(run.process.pid, signal.SIGKILL)
+            if run.worker is not None and not run.worker.exited:
+                run.worker.kill_now()
             raise
         except Exception as exc:
             log.exception("job %s: supervisor error", job.id)
@@ -180,30 +176,18 @@ class Scheduler:
         )
 
     async def _supervise(self, job: JobRecord, run: RunningJob) -> None:
-        job_dir = self.work_dir / job.id
-        shutil.rmtree(job_dir / "adapter", ignore_errors=True)
-        write_spec(job_dir, self._spec(job))
-        with (job_dir / LOG_FILE).open("ab") as log_file:
-            run.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "lorafleet_trainer.worker",
-                str(job_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                start_new_session=True,
-            )
-        if run.cancelled or run.requeue:  # asked to stop while the worker was starting
-            await self._stop_worker(run)
-        assert run.process.stdout is not None
-        async for line in run.process.stdout:
-            event = parse_event_line(line)
-            if event is not None:
-                await self._on_worker_event(job.id, run, event)
-        code = await run.process.wait()
-        (job_dir / SPEC_FILE).unlink(missing_ok=True)  # it holds the S3 secret
-        shutil.rmtree(job_dir / "adapter", ignore_errors=True)  # the store has it now (or it is incomplete)
+        worker = run.worker = await self.launcher.launch(self._spec(job), self.work_dir / job.id)
+        try:
+            if run.cancelled or run.requeue:  # asked to stop while the worker was starting
+                await self._stop_worker(run)
+            async for line in worker.lines():
+                event = parse_event_line(line)
+                if event is not None:
+                    await self._on_worker_event(job.id, run, event)
+            code = await worker.wait()
+            failure_detail = "" if run.published or run.error else worker.log_tail()
+        finally:
+            await worker.close()
         if run.published:
             await self._notify_inference(job)
             return
@@ -214,7 +198,7 @@ class Scheduler:
         elif run.cancelled:
             await self._finish(run, JobState.CANCELLED, "cancelled; nothing was published")
         else:
-            reason = f"the worker exited with code {code} without a result. {_log_tail(job_dir)}"
+            reason = f"the worker exited with code {code} without a result. {failure_detail}"
             await self._finish(run, JobState.FAILED, reason.strip())
 
     async def _on_worker_event(self, job_id: str, run: RunningJob, event: WorkerEvent) -> None:
@@ -290,15 +274,14 @@ class Scheduler:
             self.metrics.job_finished(state)
 
     async def _stop_worker(self, run: RunningJob) -> None:
-        """SIGTERM the worker's process group, SIGKILL it after the grace period."""
-        process = run.process
-        if process is None or process.returncode is not None:
+        """SIGTERM the worker, SIGKILL it after the grace period."""
+        worker = run.worker
+        if worker is None or worker.exited:
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
+            await worker.signal(sig)
             try:
-                await asyncio.wait_for(process.wait(), self.settings.cancel_grace_s)
+                await asyncio.wait_for(worker.wait(), self.settings.cancel_grace_s)
                 return
             except TimeoutError:
                 continue
@@ -360,12 +343,3 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.bus.publish()  # watchers notice ``stopping``
-
-
-def _log_tail(job_dir: Path, lines: int = 5) -> str:
-    try:
-        text = (job_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    tail = " | ".join(line.strip() for line in text[-lines:] if line.strip())
-    return f"Last log lines: {tail}" if tail else ""

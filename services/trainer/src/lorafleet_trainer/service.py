@@ -16,6 +16,7 @@ from lorafleet_common.names import InvalidName, validate_job_id
 from lorafleet_common.store import InvalidKey, ObjectNotFound, ObjectStore, StoreUnavailable, resolve_uri
 from lorafleet_trainer.errors import InvalidRequest, NotAccepting, StoreDown
 from lorafleet_trainer.jobstore import EventRecord, JobRecord, JobState, JobStore
+from lorafleet_trainer.launch import Launcher
 from lorafleet_trainer.manifest import ManifestError, parse_manifest
 from lorafleet_trainer.metrics import TrainerMetrics
 from lorafleet_trainer.scheduler import Scheduler
@@ -26,12 +27,19 @@ DEFAULT_EVENTS_LIMIT = 1000
 
 
 class TrainerService:
-    def __init__(self, settings: TrainerSettings, store: ObjectStore, jobs: JobStore, metrics: TrainerMetrics) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        store: ObjectStore,
+        jobs: JobStore,
+        metrics: TrainerMetrics,
+        launcher: Launcher | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.jobs = jobs
         self.metrics = metrics
-        self.scheduler = Scheduler(settings, jobs, metrics, store)
+        self.scheduler = Scheduler(settings, jobs, metrics, store, launcher)
         self.accepting = False
 
     async def start(self) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from lorafleet_common.grpc_targets import check_targets, split_targets
@@ -28,6 +28,94 @@ class TrainerSettings(CommonSettings):
     )
     work_dir: Path | None = Field(
         default=None, description="Folder for per-job scratch space (spec, logs, adapter). Default: <home>/jobs."
+    )
+    launcher: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description='Where job workers run: "local" (a process group on this host; torchrun for a job asking for '
+        'several GPUs) or "kubernetes" (one Kubernetes Job per training job, see docs/scale-out.md).',
+    )
+    # launcher="kubernetes" only (docs/scale-out.md#kubernetes-jobs); JSON for the structured ones.
+    k8s_config: Literal["auto", "in-cluster", "kubeconfig"] = Field(
+        default="auto",
+        description='How the trainer reaches the Kubernetes API: "in-cluster" (its pod\'s service account), '
+        '"kubeconfig" (K8S_KUBECONFIG or ~/.kube/config), "auto" (in-cluster when running in a pod).',
+    )
+    k8s_kubeconfig: Path | None = Field(
+        default=None, description="kubeconfig file; unset: $KUBECONFIG or ~/.kube/config."
+    )
+    k8s_context: str | None = Field(default=None, description="kubeconfig context; unset: its current context.")
+    k8s_namespace: str | None = Field(
+        default=None,
+        description="Namespace of the job pods; unset: the trainer's own (in-cluster) or the context's namespace.",
+    )
+    k8s_image: str = Field(
+        default="", description="Image of the job pods: the trainer image (required with launcher=kubernetes)."
+    )
+    k8s_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="imagePullPolicy of the job pods; unset: the cluster's default."
+    )
+    k8s_image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Names of docker-registry Secrets for the job pods (JSON list)."
+    )
+    k8s_service_account: str | None = Field(
+        default=None,
+        description="ServiceAccount of the job pods (they get no API token); unset: the namespace default.",
+    )
+    k8s_name_prefix: str = Field(
+        default="lorafleet",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
+        description="Prefix of the Job and Secret names; it also marks this trainer's Jobs, so two trainers "
+        "sharing a namespace need different ones.",
+    )
+    k8s_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the Jobs and their pods (JSON object), e.g. for policies."
+    )
+    k8s_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector of the job pods (JSON object)."
+    )
+    k8s_tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the job pods (JSON list of Kubernetes Toleration objects)."
+    )
+    k8s_resources: dict[str, dict[str, str | int | float]] = Field(
+        default_factory=dict,
+        description='CPU/memory of the job container (JSON: {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": '
+        "{...}}). The GPU limit is added per job: K8S_GPU_RESOURCE × the manifest's resources.devices.",
+    )
+    k8s_gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        description='Extended resource a job asks for, one per device of its manifest; "none" for CPU-only clusters.',
+    )
+    k8s_env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra environment of the job container (JSON list of Kubernetes EnvVar objects, e.g. HF_TOKEN "
+        "from a Secret). The S3 keys travel in the job's own Secret, not here.",
+    )
+    k8s_model_cache_claim: str | None = Field(
+        default=None,
+        description="PersistentVolumeClaim mounted as the job pods' model cache (ReadWriteMany to share it between "
+        "nodes); unset: an emptyDir, so each job fetches its base model again.",
+    )
+    k8s_start_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job whose pod is not running after this long (image pull error, unschedulable) fails with the "
+        "pod's reason. Leave room for pulling a large GPU image.",
+    )
+    k8s_active_deadline_s: int | None = Field(
+        default=None, gt=0, description="activeDeadlineSeconds of each Job: Kubernetes stops a job running longer."
+    )
+    k8s_ttl_after_finished_s: int = Field(
+        default=3600,
+        ge=0,
+        description="ttlSecondsAfterFinished: the trainer deletes each Job when it is done; this removes those a "
+        "crashed trainer left.",
+    )
+    k8s_api_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one Kubernetes API call.")
+    k8s_log_idle_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A job's log stream silent this long is re-opened (after checking the pod), so a dropped "
+        "connection cannot hang the job.",
     )
     serving_max_lora_rank: int = Field(
         default=16,
@@ -73,6 +161,24 @@ class TrainerSettings(CommonSettings):
     @classmethod
     def _check_targets(cls, value: list[str]) -> list[str]:
         return check_targets(value)
+
+    @field_validator("k8s_resources")
+    @classmethod
+    def _check_k8s_resources(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if unknown := set(value) - {"requests", "limits"}:
+            raise ValueError(f"only requests and limits may be set, not {sorted(unknown)}")
+        return value
+
+    @field_validator("k8s_gpu_resource")
+    @classmethod
+    def _no_gpu_resource(cls, value: str) -> str:
+        return "" if value.strip().lower() == "none" else value.strip()  # an empty env value means "the default"
+
+    @model_validator(mode="after")
+    def _check_launcher(self) -> Self:
+        if self.launcher == "kubernetes" and not self.k8s_image:
+            raise ValueError("LORAFLEET_TRAINER_K8S_IMAGE is required with LORAFLEET_TRAINER_LAUNCHER=kubernetes")
+        return self
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'trainer.db').resolve()}"

@@ -1,9 +1,13 @@
 """One training job, in its own process: ``python -m lorafleet_trainer.worker <job-dir>``.
 
 Reads ``<job-dir>/spec.json``, checks the datasets and the base model
-(VALIDATING), trains (RUNNING), saves and publishes the adapter, and reports
+(VALIDATING, job_inputs.py), trains (RUNNING), saves and publishes the adapter, and reports
 each step as a JSON line on stdout. Anything else the libraries print goes to
 stderr (the job's log), so it cannot corrupt the event stream.
+
+A job with ``resources.devices: N > 1`` runs as N copies of this process under torchrun
+(distributed.py): each rank goes through the same phases; a phase that fails on one rank fails on
+all with its reason, and rank 0 alone decides on resuming, reports, checkpoints and publishes.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lorafleet_common.adapters import publish_adapter
-from lorafleet_common.embedded_model import resolve_base_model
 from lorafleet_common.logs import configure_logging
 from lorafleet_common.store import ObjectStore, StoreError, open_store
 from lorafleet_trainer.checkpoint import (
@@ -31,37 +34,22 @@ from lorafleet_trainer.checkpoint import (
     restore_adapter,
     save_checkpoint,
 )
-from lorafleet_trainer.datasets import DatasetError, Example, load_training_examples
-from lorafleet_trainer.evaluate import split_validation
+from lorafleet_trainer.distributed import Ranks, die_with_parent, usable_cpus
+from lorafleet_trainer.job_inputs import (
+    JobFailed,
+    TrainingRows,
+    check_devices,
+    check_quantization,
+    read_rows,
+    resolve_model,
+    tokenize_rows,
+)
 from lorafleet_trainer.manifest import JobManifest
 from lorafleet_trainer.protocol import SPEC_FILE, EventWriter, WorkerEvent, WorkerSpec, read_spec
 
 log = logging.getLogger("lorafleet_trainer.worker")
 
-
-class JobFailed(RuntimeError):
-    """A failure whose message is the reason the job reports, as is."""
-
-
-def _resolve_model(spec: WorkerSpec, manifest: JobManifest) -> str:
-    """A local folder (or a cached hub id) for the base model; JobFailed with a clear reason otherwise."""
-    try:
-        resolved = resolve_base_model(manifest.base_model, Path(spec.model_cache_dir), spec.s3.config())
-    except Exception as exc:
-        raise JobFailed(f"base model {manifest.base_model!r} could not be prepared: {exc}") from exc
-    if Path(resolved).is_dir():
-        return resolved
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(resolved, local_files_only=not spec.hub_download)
-    except Exception as exc:
-        where = "locally or on the hub" if spec.hub_download else "locally (hub downloads are off)"
-        raise JobFailed(
-            f"unknown base model {manifest.base_model!r}: not the embedded model, a local folder, an s3:// prefix "
-            f"or a model found {where} ({type(exc).__name__})"
-        ) from exc
-    return resolved
+T = TypeVar("T")
 
 
 def _drop_checkpoints(store: ObjectStore, job_id: str, events: EventWriter, reason: str) -> None:
@@ -90,104 +78,124 @@ def _find_checkpoint(
     return checkpoint
 
 
-def _check_quantization(manifest: JobManifest) -> None:
-    """Refuse a QLoRA job this machine cannot run before reading any dataset or model."""
-    if manifest.lora.quantization == "none":
-        return
-    from lorafleet_trainer import train_loop
-
-    problem = train_loop.quantization_problem(manifest.lora, train_loop.pick_device())
-    if problem:
-        raise JobFailed(problem)
-
-
-def _load_rows(
-    specs: list[Any], store: ObjectStore, spec: WorkerSpec, seed: int, events: EventWriter, what: str
-) -> tuple[list[Example], list[Any]]:
-    """Read and check ``what`` datasets; every bad row is logged with its file, row and field."""
+def _together(ranks: Ranks, phase: Callable[[], T]) -> T:
+    """Run a phase on every rank; if it fails on any, it fails on all with the first failing rank's reason
+    (a rank must never wait in a collective for one that gave up)."""
+    result: Any = None
+    error: str | None = None
     try:
-        return load_training_examples(specs, store, spec.s3.config(), seed)
-    except DatasetError as exc:
-        for problem in exc.problems[:100]:
-            events.log(problem)
-        raise JobFailed(f"{what} data: {exc}" if what != "training" else str(exc)) from exc
+        result = phase()
+    except JobFailed as exc:
+        error = str(exc)
+    except Exception as exc:
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
+    error = ranks.first_error(error)
+    if error is not None:
+        raise JobFailed(error)
+    return result
 
 
-def _validation_rows(
-    manifest: JobManifest, examples: list[Example], store: ObjectStore, spec: WorkerSpec, events: EventWriter
-) -> tuple[list[Example], list[Example]]:
-    """(training rows, validation rows) as the manifest's ``validation`` section asks (none: no validation)."""
-    validation = manifest.validation
-    if validation is None:
-        return examples, []
-    if validation.split is not None:
-        train, held = split_validation(examples, validation.split, manifest.training.seed)
-        events.log(f"validation: {len(held)} of {len(examples)} training rows held out (split {validation.split})")
-        return train, held
-    assert validation.datasets is not None  # the manifest checks that one of the two is given
-    held, reports = _load_rows(validation.datasets, store, spec, manifest.training.seed, events, "validation")
-    for report in reports:
-        events.log(f"validation dataset {report.uri}: {report.rows} rows, {report.used} used")
-    return examples, held
+def _main_decides(ranks: Ranks, decide: Callable[[], T]) -> T:
+    """Rank 0 runs ``decide`` (it may touch the store and emit events); every rank gets its result or failure."""
+    result: Any = None
+    error: str | None = None
+    if ranks.is_main:
+        try:
+            result = decide()
+        except JobFailed as exc:
+            error = str(exc)
+        except Exception as exc:
+            traceback.print_exc()
+            error = f"{type(exc).__name__}: {exc}"
+    result, error = ranks.from_main((result, error))
+    if error is not None:
+        raise JobFailed(error)
+    return result
 
 
-def run_job(job_dir: Path, events: EventWriter) -> None:
+def _main_first(ranks: Ranks, phase: Callable[[], T]) -> T:
+    """Rank 0 runs ``phase`` first (it fills a shared cache, e.g. the base model's), then the other ranks."""
+    first = _main_decides(ranks, phase)
+    if not ranks.distributed:
+        return first
+    return _together(ranks, (lambda: first) if ranks.is_main else phase)
+
+
+def _share_warning(manifest: JobManifest, ranks: Ranks) -> str | None:
+    per_step, n = manifest.training.gradient_accumulation_steps, ranks.world_size
+    if not ranks.distributed or per_step % n == 0:
+        return None
+    return (
+        f"warning: each optimizer step's {per_step} micro-batch(es) are dealt to {n} processes unevenly, so some "
+        f"wait in every step: set training.gradient_accumulation_steps to a multiple of {n} to keep all busy"
+    )
+
+
+def run_job(job_dir: Path, events: EventWriter, ranks: Ranks) -> None:
     spec = read_spec(job_dir)
-    (job_dir / SPEC_FILE).unlink(missing_ok=True)  # it holds the S3 secret: keep it on disk no longer than needed
     manifest = JobManifest.model_validate(spec.manifest)
-    _check_quantization(manifest)
+    check_devices(manifest, ranks)
+    check_quantization(manifest)
+    device, backend = None, ""
+    if ranks.distributed:  # every rank has read the spec once they have all joined
+        from lorafleet_trainer import train_loop
+
+        device = ranks.device(train_loop.pick_device())
+        backend = ranks.start(device)
+        log.info("%s: data parallel on %s (%s), pid %d", ranks, device, backend, os.getpid())
+    (job_dir / SPEC_FILE).unlink(missing_ok=True)  # it holds the S3 secret: keep it on disk no longer than needed
     store = open_store(spec.store_url, spec.s3.config())
-    events.log(f"reading {len(manifest.datasets)} dataset(s)")
-    examples, reports = _load_rows(manifest.datasets, store, spec, manifest.training.seed, events, "training")
-    for report in reports:
-        events.log(f"dataset {report.uri}: {report.rows} rows, {report.used} used (sha256 {report.sha256[:12]})")
-    examples, validation_examples = _validation_rows(manifest, examples, store, spec, events)
-    model_path = _resolve_model(spec, manifest)
+    rows = _together(ranks, lambda: read_rows(manifest, store, spec, events))
+    model_path = _main_first(ranks, lambda: resolve_model(spec, manifest))
 
     import torch
-    from transformers import AutoTokenizer
+
+    from lorafleet_trainer import train_loop
+
+    device = device or train_loop.pick_device()
+    if spec.torch_threads > 0:
+        torch.set_num_threads(spec.torch_threads)
+    elif ranks.distributed and device.type == "cpu":  # the ranks share the cores
+        torch.set_num_threads(max(1, usable_cpus() // ranks.world_size))
+    data = _together(ranks, lambda: tokenize_rows(manifest, model_path, spec, rows, events))
+    if ranks.is_main and (warning := _share_warning(manifest, ranks)):
+        events.log(warning)
+    _train_and_publish(job_dir, spec, manifest, store, model_path, data, device, events, ranks, backend)
+
+
+def _train_and_publish(
+    job_dir: Path,
+    spec: WorkerSpec,
+    manifest: JobManifest,
+    store: ObjectStore,
+    model_path: str,
+    data: TrainingRows,
+    device: Any,
+    events: EventWriter,
+    ranks: Ranks,
+    backend: str,
+) -> None:
+    import torch
 
     from lorafleet_trainer import train_loop
     from lorafleet_trainer.evaluate import eval_loss, evaluation_due
-    from lorafleet_trainer.publish import build_metadata, save_adapter, write_training_log
-    from lorafleet_trainer.tokenize import ChatTokenizer, TemplateError
-
-    if spec.torch_threads > 0:
-        torch.set_num_threads(spec.torch_threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=not spec.hub_download)
-    try:
-        chat = ChatTokenizer(tokenizer)
-    except TemplateError as exc:
-        raise JobFailed(str(exc)) from exc
-    encoded = chat.encode_all(examples, manifest.system_prompt, manifest.training.max_length)
-    dropped = encoded.too_long + encoded.nothing_to_train
-    if encoded.too_long:
-        events.log(
-            f"warning: dropped {encoded.too_long} of {len(examples)} rows longer than "
-            f"training.max_length={manifest.training.max_length} tokens (longest {encoded.longest_dropped})"
-        )
-    if encoded.nothing_to_train:
-        events.log(f"warning: dropped {encoded.nothing_to_train} rows with no trainable assistant turn")
-    if not encoded.examples:
-        raise JobFailed(f"no rows left to train on: all {len(examples)} rows were dropped (see the warnings)")
-    held_out = chat.encode_all(validation_examples, manifest.system_prompt, manifest.training.max_length).examples
-    if validation_examples and not held_out:
-        raise JobFailed(
-            f"no validation rows left: all {len(validation_examples)} were too long or had nothing to train"
-        )
-    if len(held_out) < len(validation_examples):
-        events.log(f"warning: dropped {len(validation_examples) - len(held_out)} validation rows (too long or empty)")
-
-    device = train_loop.pick_device()
-    total = train_loop.total_steps([len(e.input_ids) for e in encoded.examples], manifest.training)
-    fingerprint = data_fingerprint(
-        manifest.model_dump(mode="json"),
-        [r.sha256 for r in reports],
-        [len(e.input_ids) for e in encoded.examples],
+    from lorafleet_trainer.publish import (
+        PublishFailed,
+        build_metadata,
+        publish_with_retry,
+        save_adapter,
+        write_training_log,
     )
-    resume = _find_checkpoint(store, spec.job_id, fingerprint, total, events)
+
+    lengths = [len(e.input_ids) for e in data.examples]
+    total = train_loop.total_steps(lengths, manifest.training)
+    fingerprint = data_fingerprint(manifest.model_dump(mode="json"), [r.sha256 for r in data.reports], lengths)
+    resume = _main_decides(ranks, lambda: _find_checkpoint(store, spec.job_id, fingerprint, total, events))
     where = f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
-    message = f"training on {len(encoded.examples)} rows for {total} optimizer steps ({where})"
+    if ranks.distributed:
+        where += f", {ranks.world_size} processes, data parallel over {backend}"
+    message = f"training on {len(data.examples)} rows for {total} optimizer steps ({where})"
     if resume is not None:
         message += f", resumed from the checkpoint at step {resume.loop.step}"
     start_step = resume.loop.step if resume is not None else 0
@@ -198,23 +206,26 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
             model_path, manifest.lora, manifest.training.seed, device, local_only=not spec.hub_download
         )
 
+    def drop_checkpoints(reason: str) -> None:
+        if ranks.is_main:  # every rank comes here (the same verdict); one deletes
+            _drop_checkpoints(store, spec.job_id, events, reason)
+
     model = fresh_model()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     history: list[dict[str, float]] = []
     if resume is not None:
         try:
             restore_adapter(model, resume.adapter)
             history = resume.history
         except CheckpointUnusable as exc:
-            _drop_checkpoints(store, spec.job_id, events, str(exc))
+            drop_checkpoints(str(exc))
             resume = None
 
     every = manifest.validation.every_steps if manifest.validation is not None else 0
 
     def on_step(report: train_loop.StepReport) -> None:
         progress: dict[str, float] = {k: v for k, v in vars(report).items() if k != "trained_tokens"}
-        if held_out and evaluation_due(report.step, report.total_steps, report.epoch, every):
-            progress["eval_loss"] = eval_loss(model, held_out, manifest.training.batch_size, int(pad_id), device)
+        if data.held_out and evaluation_due(report.step, report.total_steps, report.epoch, every):
+            progress["eval_loss"] = eval_loss(model, data.held_out, manifest.training.batch_size, data.pad_id, device)
         history.append(progress | {"time": time.time()})
         events.emit(
             WorkerEvent(
@@ -247,21 +258,24 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
     def run(resume_from: LoopState | None) -> train_loop.TrainSummary:
         return train_loop.train(
             model,
-            encoded.examples,
+            data.examples,
             manifest.training,
-            int(pad_id),
+            data.pad_id,
             on_step,
             device,
             resume=resume_from,
             on_checkpoint=on_checkpoint,
+            ranks=ranks,
         )
 
     try:
         summary = run(resume.loop if resume is not None else None)
     except train_loop.ResumeMismatch as exc:  # nothing was trained yet: start over on a fresh adapter
-        _drop_checkpoints(store, spec.job_id, events, str(exc))
+        drop_checkpoints(str(exc))
         model, history = fresh_model(), []
         summary = run(None)
+    if not ranks.is_main:
+        return  # rank 0 holds the same weights and publishes them
     folder = job_dir / "adapter"
     config = save_adapter(model, folder, spec.serving_max_lora_rank, manifest.base_model)
     write_training_log(folder, history)
@@ -269,10 +283,11 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
         "trained_tokens": summary.trained_tokens,
         "train_seconds": round(summary.seconds, 2),
         "device": summary.device,
-        "training_rows": len(encoded.examples),
-        "rows_dropped": dropped,
-        "validation_rows": len(held_out),
-        "eos_token": tokenizer.eos_token,
+        "devices": ranks.world_size,
+        "training_rows": len(data.examples),
+        "rows_dropped": data.dropped,
+        "validation_rows": len(data.held_out),
+        "eos_token": data.eos_token,
     }
     metadata = build_metadata(
         job_id=spec.job_id,
@@ -280,11 +295,14 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
         config=config,
         folder=folder,
         final_loss=summary.final_loss,
-        datasets=[r.as_metadata() for r in reports],
+        datasets=[r.as_metadata() for r in data.reports],
         extra=extra,
     )
     events.emit(WorkerEvent(kind="publishing", message=f"publishing {manifest.adapter_name}@{spec.job_id}"))
-    uri = publish_adapter(store, folder, metadata)
+    try:
+        uri = publish_with_retry(store, folder, metadata, events.log)
+    except PublishFailed as exc:
+        raise JobFailed(str(exc)) from exc
     events.emit(
         WorkerEvent(
             kind="published",
@@ -296,11 +314,17 @@ def run_job(job_dir: Path, events: EventWriter) -> None:
     )
 
 
-def _event_stream() -> EventWriter:
-    """Keep the real stdout for events; point fd 1 at stderr so stray prints land in the log."""
+def _event_stream(ranks: Ranks) -> EventWriter:
+    """Keep the real stdout for events; point fd 1 at stderr so stray prints land in the log.
+
+    Under torchrun every rank shares the job's stdout: only rank 0 reports, the others' events go nowhere.
+    """
     events_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    if not ranks.is_main:
+        os.close(events_fd)
+        return EventWriter(open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 (lives as long as the process)
     return EventWriter(os.fdopen(events_fd, "w", encoding="utf-8"))
 
 
@@ -309,17 +333,28 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m lorafleet_trainer.worker <job-dir>", file=sys.stderr)
         return 2
-    events = _event_stream()
-    configure_logging("INFO", "trainer-worker")
+    ranks = Ranks.from_environment()
+    if ranks.distributed:
+        die_with_parent()
+    events = _event_stream(ranks)
+    configure_logging("INFO", "trainer-worker" if not ranks.distributed else f"trainer-worker[{ranks.rank}]")
     try:
-        run_job(Path(args[0]), events)
+        run_job(Path(args[0]), events, ranks)
     except JobFailed as exc:
+        if not ranks.is_main:  # every rank has the same verdict; rank 0 reports it (and exits 1 for the job)
+            log.info("%s: stopping, the job failed: %s", ranks, exc)
+            return 0
         events.emit(WorkerEvent(kind="failed", error=str(exc)))
         return 1
     except Exception as exc:
         traceback.print_exc()
-        events.emit(WorkerEvent(kind="failed", error=f"{type(exc).__name__}: {exc}"))
+        reason = f"{type(exc).__name__}: {exc}"
+        if ranks.distributed:
+            reason += f" (on {ranks}; the job's worker log has every rank's output)"
+        events.emit(WorkerEvent(kind="failed", error=reason))
         return 1
+    finally:
+        ranks.stop()
     return 0
 
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Training measurements on a lent GPU machine (no network), from the repository root, in one `run` call carrying
+#   gpu-bundle/train       wheels the trainer needs beyond the image (pydantic, pydantic-settings, minio and its
+#                          crypto deps) + bitsandbytes 0.50.2 unpacked (CUDA 13 build only), see docs/benchmarks.md
+#   gpu-bundle/tokenizer   qwen25-tokenizer.tar.xz (tokenizer.json + tokenizer_config.json, bench/serving/model.py)
+#
+#   bash bench/gpu_train_device.sh [--budget-s 525] [--stages bench2048,seeds-packed,seeds-default,bench512]
+#
+# Stages, in the order given, each under a time limit that leaves the later ones their share of the budget:
+#   bench2048      bench/trainer.py at 2,048 tokens: hf+peft baselines, our loop padded and packed (1-8 packs per
+#                  forward, with and without checkpointing), a 24 GB preset under a 22 GB cap, ablations, QLoRA
+#   seeds-packed   bench/seeds_workload.py: the seeds' job through the worker, packing on, under a 22 GB cap
+#   seeds-default  the same job with our defaults (packing off); stopped after the step that passes its deadline
+#   bench512       bench/trainer.py at 512 tokens (only if enough time is left)
+# Results: $OUT/{env.txt,nvidia-smi.txt,*.json,*.log}; the key lines are printed.
+# A CPU dry run of this script's logic (embedded model, tiny sizes, no bundle needed):
+#   SMOKE=1 MODEL=.lorafleet/models/smollm2-135m-instruct OUT=/tmp/dry bash bench/gpu_train_device.sh --budget-s 600
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+BUNDLE="${BUNDLE:-gpu-bundle}"
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+BUDGET=525
+MODEL="${MODEL:-qwen2.5-7b}"
+SMOKE_ARGS=(); [ "${SMOKE:-0}" = 1 ] && SMOKE_ARGS=(--smoke)
+STAGES="bench2048,seeds-packed,seeds-default,bench512"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget-s) BUDGET="$2"; shift 2 ;;
+    --stages) STAGES="$2"; shift 2 ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+done
+T0=$(date +%s)
+say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+limit() { local want=$1 reserve=$2 l; l=$(( $(left) - reserve )); [ "$l" -lt "$want" ] && echo "$l" || echo "$want"; }
+
+[ -d "$BUNDLE/train/wheels" ] && python3 -m pip install -q --no-deps --no-compile --target /tmp/train-site "$BUNDLE"/train/wheels/*.whl 2>&1 | tail -2
+export PYTHONPATH="/tmp/train-site:$PWD/$BUNDLE/train/bnb:$PWD/services/common/src:$PWD/services/trainer/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p /tmp/qwen25-tokenizer && [ -f "$BUNDLE/tokenizer/qwen25-tokenizer.tar.xz" ] && tar -C /tmp/qwen25-tokenizer -xJf "$BUNDLE/tokenizer/qwen25-tokenizer.tar.xz"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); $(nproc) CPUs"
+python3 - > "$OUT/env.txt" 2>&1 <<'EOF'
+import importlib, inspect, platform, sys
+print("python", platform.python_version())
+for name in ["torch", "transformers", "peft", "bitsandbytes", "pydantic", "pydantic_settings", "minio", "yaml", "grpc",
+             "lorafleet_trainer.worker", "lorafleet_trainer.train_loop"]:
+    try:
+        module = importlib.import_module(name)
+        print(f"ok {name} {getattr(module, '__version__', '')}")
+    except Exception as exc:
+        print(f"MISSING {name}: {type(exc).__name__}: {exc}")
+import torch
+from lorafleet_trainer.attention import torch_varlen_kernel
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    print("varlen_attn", inspect.signature(varlen_attn))
+except ImportError as exc:
+    print("varlen_attn: none", exc)
+print("our varlen kernel:", "usable" if torch_varlen_kernel() else "none (packed rows keep sdpa + 4D mask)")
+print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+EOF
+grep -E "MISSING|varlen|^ok (torch|transformers|peft|bitsandbytes) |device" "$OUT/env.txt"
+
+run_stage() {  # name, seconds wanted, command...
+  local name=$1 want=$2 lim rc; shift 2
+  lim=$(limit "$want" 5)
+  if [ "$lim" -lt 45 ]; then say "=== $name skipped: $(left) s left"; return; fi
+  say "=== $name (limit ${lim}s)"
+  timeout "$lim" "$@" > "$OUT/$name.log" 2> "$OUT/$name.err"
+  rc=$?
+  [ $rc = 0 ] || { say "$name rc=$rc"; grep -vE "Warning|warn\(" "$OUT/$name.err" | tail -15 | cut -c1-300; }
+  cat "$OUT/$name.log"
+}
+
+DEFAULT_2048="hf+peft,hf+peft +gc,ours,ours +gc,ours packed,ours packed +gc,ours packed x2 +gc cap22"
+DEFAULT_2048="$DEFAULT_2048,ours packed x4 +gc cap22,ours packed x8 +gc,ours packed x2,ours packed +gc peft-fwd"
+DEFAULT_2048="$DEFAULT_2048,ours packed +gc mask,ours packed +gc nf4"
+CASES_2048="${CASES_2048:-$DEFAULT_2048}"
+CASES_512="${CASES_512:-hf+peft,hf+peft +gc,ours +gc,ours packed +gc,ours packed x4 +gc,ours packed x4}"
+for stage in ${STAGES//,/ }; do
+  case $stage in
+    bench2048) run_stage bench2048 270 python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 --rows 96 \
+                 --batch-size 2 --grad-accum 4 --warmup-rows 32 --cases "$CASES_2048" --json-out "$OUT/bench2048.json" "${SMOKE_ARGS[@]}" ;;
+    seeds-packed) run_stage seeds-packed "${SEEDS_PACKED_LIMIT_S:-130}" python3 bench/seeds_workload.py --model "$MODEL" \
+                 --tokenizer-from /tmp/qwen25-tokenizer --packing on --memory-cap-gb 22 --work /tmp/seeds-packed \
+                 --deadline-s "${SEEDS_PACKED_DEADLINE_S:-100}" --json-out "$OUT/seeds-packed.json" "${SMOKE_ARGS[@]}" ;;
+    seeds-default) d=$(( $(limit 400 5) - 35 )); [ $d -lt 30 ] && d=30
+               run_stage seeds-default 400 python3 bench/seeds_workload.py --model "$MODEL" \
+                 --tokenizer-from /tmp/qwen25-tokenizer --packing off --memory-cap-gb 22 --work /tmp/seeds-default \
+                 --deadline-s "$d" --json-out "$OUT/seeds-default.json" "${SMOKE_ARGS[@]}" ;;
+    bench512) [ "$(left)" -ge 100 ] && run_stage bench512 180 python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 512 \
+                 --rows 128 --batch-size 4 --grad-accum 2 --warmup-rows 32 --cases "$CASES_512" \
+                 --json-out "$OUT/bench512.json" "${SMOKE_ARGS[@]}" || say "=== bench512 skipped: $(left) s left" ;;
+    *) say "unknown stage $stage" ;;
+  esac
+done
+say "done; $(nvidia-smi --query-gpu=memory.used --format=csv,noheader)"
