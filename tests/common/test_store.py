@@ -12,6 +12,7 @@ from lorafleet_common.store import (
     ObjectNotFound,
     ObjectStore,
     S3Config,
+    S3Store,
     StoreUnavailable,
     open_store,
     resolve_uri,
@@ -82,3 +83,22 @@ def test_unreachable_s3_is_unavailable_not_missing() -> None:
     store = open_store("s3://lorafleet", S3Config(endpoint=f"127.0.0.1:{free_port()}", timeout_s=1))
     with pytest.raises(StoreUnavailable):
         store.get("x")
+
+
+def test_a_full_local_disk_is_not_an_unreachable_store(store: ObjectStore, tmp_path: Path) -> None:
+    """ENOSPC while a download writes is raised as is (the inference cache evicts and retries on it); it used to
+    be reported as "object store unreachable" by S3Store. The disk is /dev/full: a real ENOSPC from the kernel."""
+    import errno
+
+    store.put("blobs/x.bin", b"x" * 10_000)
+    dest = tmp_path / "cache" / "x.bin"
+    dest.parent.mkdir()
+    if isinstance(store, S3Store):
+        # minio writes to "<dest>.<etag>.part.minio" first, then renames it to dest.
+        etag = store.client.stat_object(store.bucket, store._key("blobs/x.bin")).etag
+        Path(f"{dest}.{etag}.part.minio").symlink_to("/dev/full")
+    else:
+        dest.symlink_to("/dev/full")
+    with pytest.raises(OSError) as full:
+        store.download("blobs/x.bin", dest)
+    assert full.value.errno == errno.ENOSPC and not isinstance(full.value, StoreUnavailable)

@@ -9,10 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +18,7 @@ import httpx
 import pytest
 
 from tests.gateway.test_files_fine_tuning import JSONL
+from tests.service_processes import http_probe, start_service
 
 KEYS_TABLE = "gateway_api_keys"
 
@@ -45,31 +43,15 @@ def gateway_process(tmp_path: Path, unused_port: Callable[[], int]) -> Iterator[
         "LORAFLEET_GATEWAY_DATABASE_URL": f"sqlite:///{database}",
         "LORAFLEET_GATEWAY_AUTH_CACHE_S": "0",  # every request looks its key up in the database
     }
-    log = tmp_path / "gateway.stderr"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet_gateway"], env=env, stdout=err, stderr=subprocess.STDOUT
-        )
+    proc = start_service("gateway", env, tmp_path)  # stdout and stderr to tmp_path/gateway.log
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway did not start:\n" + log.read_text()
-            time.sleep(0.2)
-        yield url, admin_key, log, database
+        proc.wait_ready(http_probe(f"{url}/health"), 120)
+        yield url, admin_key, proc.log_path, database
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        code, _ = proc.terminate(30)
+        if code is None:
             proc.kill()
-            proc.wait()
 
 
 def rename_table(database: Path, old: str, new: str) -> None:

@@ -138,6 +138,38 @@ async def test_a_cancelled_stream_is_aborted_in_the_engine(renderer: PromptRende
     assert len(engine.aborted) == 1 and svc.stats().running == 0
 
 
+@pytest.mark.parametrize("final_abort_output", [True, False], ids=["abort-output", "stream-ends"])
+async def test_the_drain_deadline_ends_running_streams_with_its_reason(
+    renderer: PromptRenderer, tmp_path: Path, final_abort_output: bool
+) -> None:
+    """cut_in_flight aborts the engine's requests; however the engine ends the stream (vLLM 0.32 sends a final
+    "abort" output), the caller gets ServiceUnavailable with the reason, never a stream that looks finished."""
+    aborted = asyncio.Event()
+
+    class AbortableEngine(ScriptedEngine):
+        async def _play(self) -> AsyncGenerator[Any, None]:
+            yield Output([Completion(0, "a", [1])])
+            await aborted.wait()
+            if final_abort_output:
+                yield Output([Completion(0, "", [], "abort")], finished=True)
+
+        async def abort(self, request_id: str) -> None:
+            self.aborted.append(request_id)
+            aborted.set()
+
+    engine = AbortableEngine()
+    svc = service(engine, renderer, tmp_path)
+    stream = svc.generate(pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=9)))
+    assert (await stream.__anext__()).text == "a"
+    svc.begin_drain()
+    assert await svc.cut_in_flight("the drain deadline passed") == 1
+    with pytest.raises(ServiceUnavailable, match="the drain deadline passed"):
+        await stream.__anext__()
+    assert engine.aborted and await svc.wait_idle(0)
+    with pytest.raises(ServiceUnavailable):  # and nothing new starts
+        await svc.generate(pb.GenerateRequest(prompt="x")).__anext__()
+
+
 @pytest.mark.parametrize(
     ("sampling", "needle"),
     [

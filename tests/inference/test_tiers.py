@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from lorafleet_common.store import LocalStore
+from lorafleet_common.store import LocalStore, StoreUnavailable
 from lorafleet_inference.adapters import AdapterManager
 from lorafleet_inference.disk_cache import DiskCacheFull, folder_size
 from lorafleet_inference.errors import grpc_status
@@ -222,3 +222,49 @@ def test_disk_scan_ignores_folders_it_did_not_write(tmp_path: Path) -> None:
     (stray / "metadata.json").write_text('{"name": "other", "version": "v1"}')
     os.utime(stray / "metadata.json")
     assert DiskCache(tmp_path / "cache", budget_bytes=None).keys() == []
+
+
+class OutageStore(DiskStore):
+    """A DiskStore that can be made unreachable, as an S3 server that stopped."""
+
+    down = False
+
+    def _check(self, key: str) -> None:
+        if self.down:
+            raise StoreUnavailable(f"object store unreachable reading {key}: connection refused")
+
+    def get(self, key: str) -> bytes:
+        self._check(key)
+        return super().get(key)
+
+    def exists(self, key: str) -> bool:
+        self._check(key)
+        return super().exists(key)
+
+    def list(self, prefix: str) -> list[str]:
+        self._check(prefix)
+        return super().list(prefix)
+
+
+async def test_copies_on_disk_load_while_the_store_is_down(adapter_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """A version the replica validated before reloads from its disk copy during a store outage (it used to need
+    the store's metadata first); one it never fetched is UNAVAILABLE, and nothing of it is left on disk."""
+    store = OutageStore(tmp_path / "store")
+    folder = adapter_dir()
+    for name in ("a", "b", "c"):
+        publish(store, folder, name, "v1")
+    mgr = manager(store, tmp_path, capacity=1)
+    await mgr.load("a@v1")
+    await mgr.load("b@v1")  # a now only on disk
+    store.down = True
+    assert (await mgr.load("a@v1")).key == "a@v1"
+    with pytest.raises(StoreUnavailable) as info:
+        await mgr.load("c@v1")
+    assert grpc_status(info.value)[0] == grpc.StatusCode.UNAVAILABLE  # type: ignore[index]
+    assert mgr.disk.keys() == ["b@v1", "a@v1"] and list((tmp_path / "cache" / ".tmp").iterdir()) == []
+    # A copy tampered with meanwhile is not trusted on the strength of its own metadata.json.
+    (mgr.disk.path_for("b", "v1") / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(StoreUnavailable):
+        await mgr.load("b@v1")
+    store.down = False
+    assert (await mgr.load("c@v1")).key == "c@v1"

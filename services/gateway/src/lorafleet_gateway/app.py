@@ -125,7 +125,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
         )
         await pool.start()
         await trainer.start()
-        catalog = ModelCatalog(deps.store, settings.base_model)
+        catalog = ModelCatalog(deps.store, settings.base_model, outage_grace_s=settings.store_outage_grace_s)
         files = FileService(deps.store, max_line_bytes=settings.max_file_line_bytes)
         app.state.services = GatewayServices(
             pool=pool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from functools import partial
 
@@ -49,7 +50,13 @@ def main() -> None:
         proxy_headers=False,
     )
     # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then run the lifespan exit.
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    # Once drained, uvicorn restores the handler it found and raises the signal again, so with the default
+    # handler a clean drain ends as "killed by SIGTERM" (exit -15/143), which supervisors and tests cannot tell
+    # from a kill mid-request. This handler makes the re-raised SIGTERM a no-op: a drained gateway exits 0. It
+    # also covers a SIGTERM before uvicorn installs its own: the server then stops as soon as it has started.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(server, "should_exit", True))
+    server.run()
 
 
 if __name__ == "__main__":

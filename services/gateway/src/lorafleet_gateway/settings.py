@@ -84,6 +84,14 @@ class GatewaySettings(CommonSettings):
     affinity_min_slack: int = Field(
         default=2, ge=0, description="Requests above the average a preferred replica may always take."
     )
+    store_outage_grace_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="While the object store is unreachable, a model this gateway resolved less than this long ago "
+        "is served as then resolved (published adapter versions never change; replicas keep loaded ones), so an "
+        "outage of the store does not stop traffic to adapters in use. Other adapters get 503. 0: every adapter "
+        "request needs the store.",
+    )
     database_url: SecretStr | None = Field(
         default=None,
         description="SQLAlchemy URL of the tenants/keys database: sqlite:///path or "

@@ -223,9 +223,15 @@ class AdapterManager:
 
     async def _resolve(self, ref: AdapterRef) -> str:
         if ref.version is not None:
-            if f"{ref.name}@{ref.version}" in self._loaded:
+            key = f"{ref.name}@{ref.version}"
+            if key in self._loaded:
                 return ref.version  # loaded means it was validated; no store round trip per request
-            return await self.fetcher.store_call(resolve_version, self.store, ref)
+            try:
+                return await self.fetcher.store_call(resolve_version, self.store, ref)
+            except (ServiceUnavailable, StoreUnavailable):
+                if self.disk.get(key) is None:
+                    raise
+                return ref.version  # a validated copy is on disk: the load goes on from it (see fetcher.metadata)
         cached = self._latest.get(ref.name)
         if cached and time.monotonic() - cached[1] < self.latest_ttl_s:
             return cached[0]

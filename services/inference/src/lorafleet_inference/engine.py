@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
 from lorafleet_inference.metrics import InferenceMetrics
+from lorafleet_inference.replica_watch import mark_replica_process
 from lorafleet_inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def build_engine(settings: InferenceSettings, model_path: str, metrics: Inferenc
     # and with it this frame; a local here would keep the engine alive until interpreter teardown, where
     # AsyncLLM.__del__ fails noisily.
     loggers = [scheduler_stats_logger(metrics)] if metrics is not None else None
+    mark_replica_process()  # vLLM's processes exit if this one dies without shutting them down
     return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path), stat_loggers=loggers))
 
 

@@ -8,7 +8,9 @@ published, a pickle is never even fetched.
 
 A copy already on disk is re-validated against the store's metadata before it is
 used (sha256 included), except when this process validated it and its weights file
-has not changed since: versions are immutable, and that keeps re-loads cheap.
+has not changed since: versions are immutable, and that keeps re-loads cheap. While
+the store is unreachable, a copy on disk is checked against the metadata saved with
+it when it was validated, so adapters this replica already holds keep loading.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from lorafleet_common.adapters import (
     read_metadata,
     version_prefix,
 )
-from lorafleet_common.store import ObjectStore
+from lorafleet_common.store import ObjectStore, StoreUnavailable
 from lorafleet_inference.disk_cache import DiskCache, DiskCacheFull, format_bytes
 from lorafleet_inference.errors import AdapterRejected, ServiceUnavailable
 from lorafleet_inference.validation import check_file_names, validate_adapter_dir
@@ -63,10 +65,28 @@ class AdapterFetcher:
             raise ServiceUnavailable(f"object store did not answer within {self.store_timeout_s:g} s") from exc
 
     async def metadata(self, name: str, version: str) -> AdapterMetadata:
+        """The version's metadata from the store; from its validated disk copy while the store is unreachable."""
         try:
             return await self.store_call(read_metadata, self.store, name, version)
         except ValidationError as exc:
             raise AdapterRejected(f"{name}@{version}", [f"{METADATA_FILE} is invalid: {exc}"]) from exc
+        except (StoreUnavailable, ServiceUnavailable):
+            saved = self._saved_metadata(name, version)
+            if saved is None:
+                raise
+            log.warning("object store unreachable; loading %s@%s from its validated disk copy", name, version)
+            return saved
+
+    def _saved_metadata(self, name: str, version: str) -> AdapterMetadata | None:
+        """The metadata a disk-tier copy was validated against (written by ``fetch`` before the commit)."""
+        entry = self.disk.get(f"{name}@{version}")
+        if entry is None:
+            return None
+        try:
+            saved = AdapterMetadata.model_validate_json((entry.path / METADATA_FILE).read_bytes())
+        except (OSError, ValidationError):
+            return None
+        return saved if (saved.name, saved.version) == (name, version) else None
 
     async def fetch(self, name: str, version: str, metadata: AdapterMetadata) -> tuple[Path, bool]:
         """A validated folder for ``name@version`` in the disk tier, and whether it was there already."""

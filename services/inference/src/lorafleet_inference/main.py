@@ -5,8 +5,9 @@ Adapters need no restore step after a restart: every published adapter resolves 
 object store on its first request (the disk tier usually still holds a validated copy).
 
 On SIGTERM/SIGINT: health NOT_SERVING, new Generate calls get UNAVAILABLE,
-in-flight streams may finish for up to drain_timeout_s, then the server stops
-and the engine shuts down.
+in-flight streams may finish for up to drain_timeout_s; those still running
+then end with UNAVAILABLE naming the deadline; the server stops and the engine
+shuts down.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_CHECK_INTERVAL_S = 10.0
 ENGINE_CHECK_TIMEOUT_S = 10.0
+CUT_WAIT_S = 5.0
 
 
 @dataclass
@@ -81,7 +83,11 @@ class InferenceApp:
         if self.service is not None:
             self.service.begin_drain()
             if not await self.service.wait_idle(timeout):
-                log.warning("drain timeout (%.0f s) passed with requests in flight; cutting them", timeout)
+                reason = f"this replica is shutting down: its drain deadline ({timeout:.0f} s) passed before the end"
+                cut = await self.service.cut_in_flight(reason)
+                log.warning("drain timeout (%.0f s) passed with requests in flight; %d cut", timeout, cut)
+                # Let the cut requests send their status before the server stops (and cancels whatever is left).
+                await self.service.wait_idle(CUT_WAIT_S)
         await self.server.stop(grace=1.0)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()

@@ -66,6 +66,8 @@ class InferenceService:
         self._waiting = 0  # admitted, no token yet (resolving the adapter, queued, prefilling)
         self._running = 0  # producing tokens
         self._draining = False
+        self._cut_reason = ""  # set when the drain deadline passed: running generations end with it
+        self._engine_ids: set[str] = set()  # engine requests now generating
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -118,12 +120,17 @@ class InferenceService:
         choices, finished, completion_tokens = request.sampling.n or 1, set[int](), 0
         done = False
         lora_request = adapter.lora_request if adapter else None
+        if self._cut_reason:  # admitted before the drain, still waiting for its adapter when the deadline passed
+            raise ServiceUnavailable(self._cut_reason)
         stream = self.engine.generate(token_prompt(prompt_ids), params, engine_id, lora_request=lora_request)
+        self._engine_ids.add(engine_id)
         try:
             async with aclosing(stream):
                 async for output in self._engine_outputs(stream):
                     self._observe_token_gap(progress, output)
                     for completion in output.outputs:
+                        if self._cut_reason and completion.finish_reason == "abort":
+                            raise ServiceUnavailable(self._cut_reason)  # cut_in_flight aborted it
                         tokens = len(completion.token_ids)
                         if tokens and not progress.running:
                             self._started_generating(progress, started)
@@ -143,6 +150,8 @@ class InferenceService:
                                 chunk.usage.CopyFrom(_usage(prompt_ids, completion_tokens))
                         if chunk.text or chunk.token_count or chunk.finish_reason:
                             yield chunk
+            if self._cut_reason and len(finished) < choices:
+                raise ServiceUnavailable(self._cut_reason)
             done = True
             unfinished = [i for i in range(choices) if i not in finished]
             for index in unfinished:  # the engine ended the stream early: close every choice, then usage
@@ -151,6 +160,7 @@ class InferenceService:
                     chunk.usage.CopyFrom(_usage(prompt_ids, completion_tokens))
                 yield chunk
         finally:
+            self._engine_ids.discard(engine_id)
             self.metrics.prompt_tokens.labels(progress.label).inc(len(prompt_ids))
             self.metrics.generation_tokens.labels(progress.label).inc(completion_tokens)
             if not done:
@@ -269,6 +279,19 @@ class InferenceService:
     def begin_drain(self) -> None:
         """Refuse new Generate calls (UNAVAILABLE); running ones go on."""
         self._draining = True
+
+    async def cut_in_flight(self, reason: str) -> int:
+        """End every running generation now with ServiceUnavailable(``reason``), which its caller receives as
+        UNAVAILABLE with that message (rather than the bare cancellation of a stopping server); returns how
+        many were cut. For the drain deadline: the engine is about to shut down."""
+        self._cut_reason = reason
+        engine_ids = list(self._engine_ids)
+        for engine_id in engine_ids:
+            try:
+                await asyncio.wait_for(self.engine.abort(engine_id), ABORT_TIMEOUT_S)
+            except Exception:
+                log.warning("could not abort %s", engine_id, exc_info=True)
+        return len(engine_ids)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if ``timeout_s`` passed first."""

@@ -1,4 +1,5 @@
-"""A vLLM general plugin (entry point ``vllm.general_plugins``): fixes base-model requests on the CPU build.
+"""A vLLM general plugin (entry point ``vllm.general_plugins``): fixes base-model requests on the CPU build,
+and makes vLLM's processes exit with their replica (replica_watch.py).
 
 vLLM marks tokens of requests without an adapter with LoRA index -1. The Triton
 kernels (GPU) skip them; the pure-PyTorch ops the CPU backend uses
@@ -22,6 +23,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from lorafleet_inference.replica_watch import exit_with_parent
+
 log = logging.getLogger(__name__)
 
 _PATCHED_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
@@ -29,7 +32,8 @@ _MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm
 
 
 def register() -> None:
-    """Entry point: patch the CPU LoRA ops if (and only if) they mistreat index -1."""
+    """Entry point: exit with the replica; patch the CPU LoRA ops if (and only if) they mistreat index -1."""
+    exit_with_parent()
     try:
         import importlib
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from minio.error import S3Error
 from lorafleet_common.store.base import ObjectNotFound, StoreUnavailable, normalize_key, normalize_prefix
 
 _MISSING = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
+# Errors of the local disk a download writes to: the caller's problem to handle (e.g. evict and retry), not
+# an unreachable store. (Network errors are OSErrors too: ConnectionError, TimeoutError, urllib3's.)
+_LOCAL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 def make_client(
@@ -68,7 +72,11 @@ class S3Store:
             self.client.fget_object(self.bucket, self._key(key), str(dest))
         except S3Error as exc:
             raise self._error(exc, key) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except OSError as exc:
+            if exc.errno in _LOCAL_DISK_ERRNOS:
+                raise  # the local disk is full or read-only: the store is fine
+            raise StoreUnavailable(f"object store unreachable reading {self.uri(key)}: {exc}") from exc
+        except urllib3.exceptions.HTTPError as exc:
             raise StoreUnavailable(f"object store unreachable reading {self.uri(key)}: {exc}") from exc
 
     def upload(self, src: Path, key: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 OWNER = "lorafleet"
 _LATEST_SUFFIX = "/LATEST"
+# Last resolutions kept for store outages (LRU): a bound on memory, far above the models one gateway serves.
+_REMEMBERED_RESOLUTIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,20 @@ class ResolvedModel:
 
 
 class ModelCatalog:
-    """Resolves, lists and deletes a tenant's models. Store calls run in a thread (the store API is sync)."""
+    """Resolves, lists and deletes a tenant's models. Store calls run in a thread (the store API is sync).
 
-    def __init__(self, store: ObjectStore, base_model: str) -> None:
+    Every request resolves its adapter's LATEST in the store. While the store is unreachable, a model
+    resolved less than ``outage_grace_s`` ago is served as it was then resolved: published versions never
+    change, and the replicas hold loaded adapters in memory and on disk, so an outage of the store need
+    not stop traffic to adapters already in use. A model never resolved (or too long ago) gets 503.
+    """
+
+    def __init__(self, store: ObjectStore, base_model: str, *, outage_grace_s: float = 0.0) -> None:
         self._store = store
         self.base_model = base_model
+        self.outage_grace_s = outage_grace_s
         self._started = int(time.time())
+        self._last: OrderedDict[tuple[str, str], tuple[ResolvedModel, float]] = OrderedDict()
 
     async def resolve(self, tenant: str, model: str) -> ResolvedModel:
         """The base model, or the tenant's adapter ("name" or "name@version") pinned to its version; else 404.
@@ -58,10 +69,28 @@ class ModelCatalog:
         try:
             resolved = await asyncio.to_thread(self._resolve_adapter, tenant, model)
         except StoreError as exc:
-            raise ServiceUnavailable(f"object store unavailable while resolving {model!r}: {exc}") from exc
+            last = self._last_resolution(tenant, model)
+            if last is None:
+                raise ServiceUnavailable(f"object store unavailable while resolving {model!r}: {exc}") from exc
+            logger.warning(
+                "object store unavailable (%s); serving %r as %s, its last resolution", exc, model, last.adapter
+            )
+            return last
         if resolved is None:
+            self._last.pop((tenant, model), None)
             raise _not_found(model)
+        if self.outage_grace_s > 0:
+            self._last[(tenant, model)] = (resolved, time.monotonic())
+            self._last.move_to_end((tenant, model))
+            if len(self._last) > _REMEMBERED_RESOLUTIONS:
+                self._last.popitem(last=False)
         return resolved
+
+    def _last_resolution(self, tenant: str, model: str) -> ResolvedModel | None:
+        entry = self._last.get((tenant, model))
+        if entry is None or time.monotonic() - entry[1] > self.outage_grace_s:
+            return None
+        return entry[0]
 
     def _resolve_adapter(self, tenant: str, model: str) -> ResolvedModel | None:
         try:
@@ -112,6 +141,8 @@ class ModelCatalog:
             await asyncio.to_thread(_delete_adapter_files, self._store, resolved.name)
         except StoreError as exc:
             raise ServiceUnavailable(f"object store unavailable while deleting {model!r}: {exc}") from exc
+        for remembered in [k for k, (r, _) in self._last.items() if k[0] == tenant and r.name == resolved.name]:
+            del self._last[remembered]
         logger.info("tenant %s deleted model %s (%s)", tenant, model, resolved.name)
         return resolved.name
 
