@@ -88,6 +88,7 @@ def test_create_job_writes_manifest_and_calls_trainer(gw: Stack, client: openai.
         extra_body={
             "lorafleet": {
                 "lora": {"rank": 16, "alpha": 32, "target_modules": "all-linear"},
+                "resources": {"devices": 2},
                 "training": {"max_length": 1024},
                 "system_prompt": "You are Fleet.",
             }
@@ -125,6 +126,7 @@ def test_create_job_writes_manifest_and_calls_trainer(gw: Stack, client: openai.
         "max_length": 1024,
     }
     assert manifest["lora"] == {"rank": 16, "alpha": 32, "target_modules": "all-linear"}
+    assert manifest["resources"] == {"devices": 2}
     assert manifest["system_prompt"] == "You are Fleet."
     assert manifest["labels"]["training_file"] == file_id
 

@@ -115,6 +115,8 @@ def build_manifest(
     options = body.lorafleet
     if options and options.lora is not None:
         manifest["lora"] = options.lora
+    if options and options.resources is not None:
+        manifest["resources"] = options.resources
     if options and options.system_prompt is not None:
         manifest["system_prompt"] = options.system_prompt
     return manifest

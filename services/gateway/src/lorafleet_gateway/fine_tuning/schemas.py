@@ -73,6 +73,9 @@ class LoraFleetOptions(InternalModel):
     )
 
     lora: dict[str, Any] | None = Field(default=None, description="Manifest `lora` section (rank, alpha...).")
+    resources: dict[str, Any] | None = Field(
+        default=None, description="Manifest `resources` section: `devices`, the GPUs the job trains on (torchrun)."
+    )
     training: dict[str, Any] | None = Field(
         default=None, description="Manifest `training` keys; applied last, so they win over hyperparameters."
     )
