@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorafleet_inference.replica_watch import REPLICA_PID_ENV
+
 # The replica: marks itself, starts a "vLLM process" that runs the plugin's check, prints its pid, waits.
 REPLICA = """
 import subprocess, sys, time
@@ -36,7 +38,9 @@ def running(pid: int) -> bool:
 
 def start_replica(mark: bool) -> tuple[subprocess.Popen[str], int]:
     code = REPLICA.format(mark="mark_replica_process()" if mark else "", engine=ENGINE)
-    replica = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # Not this process's mark: an inference service started in-process by an earlier test leaves it in os.environ.
+    env = {k: v for k, v in os.environ.items() if k != REPLICA_PID_ENV}
+    replica = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     assert replica.stdout is not None
     engine = int(replica.stdout.readline())
     assert replica.stdout.readline().strip() == "watching"  # the engine's plugin ran: it watches its parent
