@@ -78,18 +78,21 @@ def _find_checkpoint(
     return checkpoint
 
 
+def _attempt(phase: Callable[[], T]) -> tuple[Any, str | None]:
+    """(result, None), or (None, the job's failure reason): a JobFailed's message, or the exception named."""
+    try:
+        return phase(), None
+    except JobFailed as exc:
+        return None, str(exc)
+    except Exception as exc:
+        traceback.print_exc()
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def _together(ranks: Ranks, phase: Callable[[], T]) -> T:
     """Run a phase on every rank; if it fails on any, it fails on all with the first failing rank's reason
     (a rank must never wait in a collective for one that gave up)."""
-    result: Any = None
-    error: str | None = None
-    try:
-        result = phase()
-    except JobFailed as exc:
-        error = str(exc)
-    except Exception as exc:
-        traceback.print_exc()
-        error = f"{type(exc).__name__}: {exc}"
+    result, error = _attempt(phase)
     error = ranks.first_error(error)
     if error is not None:
         raise JobFailed(error)
@@ -98,17 +101,8 @@ def _together(ranks: Ranks, phase: Callable[[], T]) -> T:
 
 def _main_decides(ranks: Ranks, decide: Callable[[], T]) -> T:
     """Rank 0 runs ``decide`` (it may touch the store and emit events); every rank gets its result or failure."""
-    result: Any = None
-    error: str | None = None
-    if ranks.is_main:
-        try:
-            result = decide()
-        except JobFailed as exc:
-            error = str(exc)
-        except Exception as exc:
-            traceback.print_exc()
-            error = f"{type(exc).__name__}: {exc}"
-    result, error = ranks.from_main((result, error))
+    outcome: tuple[Any, str | None] = _attempt(decide) if ranks.is_main else (None, None)
+    result, error = ranks.from_main(outcome)
     if error is not None:
         raise JobFailed(error)
     return result
