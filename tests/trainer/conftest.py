@@ -98,3 +98,31 @@ async def watch_until_final(stub: trainer_pb2_grpc.TrainerServiceStub, job_id: s
         events.append(event)
     assert events and events[-1].state in FINAL_STATES, events[-1:]
     return events
+
+
+def chat_rows(model_path: Path, pairs: list[tuple[str, str]], system: str = "Be brief.") -> list[Any]:
+    """(question, answer) pairs tokenized through the model's own chat template, as a job does."""
+    from transformers import AutoTokenizer
+
+    from lorafleet_trainer.datasets import Message
+    from lorafleet_trainer.tokenize import ChatTokenizer
+
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(model_path))
+    return [chat.encode((Message("user", q), Message("assistant", a)), system) for q, a in pairs]
+
+
+def lora_model_with_random_b(model_path: Path, dropout: float) -> Any:
+    """A small LoRA model on the CPU whose B matrices are random: at zero (PEFT's init) every lora_A gradient is
+    zero, and a gradient comparison would prove nothing."""
+    import torch
+
+    from lorafleet_trainer import train_loop
+    from lorafleet_trainer.manifest import LoraSpec
+
+    lora = LoraSpec(rank=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = train_loop.load_lora_model(str(model_path), lora, 0, torch.device("cpu"), local_only=True)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model

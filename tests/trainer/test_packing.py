@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from lorafleet_trainer import train_loop
-from lorafleet_trainer.datasets import Message
-from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
+from lorafleet_trainer.manifest import TrainingSpec
 from lorafleet_trainer.packing import pack_rows
-from lorafleet_trainer.tokenize import IGNORE_INDEX, ChatTokenizer, TokenizedExample
+from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
+
+from .conftest import chat_rows, lora_model_with_random_b
 
 CPU = torch.device("cpu")
 
@@ -69,22 +70,13 @@ def test_packed_rows_restart_positions_and_never_predict_across_a_boundary() -> 
 
 @pytest.fixture(scope="module")
 def rows(embedded_model_path: Path) -> list[TokenizedExample]:
-    from transformers import AutoTokenizer
-
-    chat = ChatTokenizer(AutoTokenizer.from_pretrained(embedded_model_path))
     pairs = [("Hi!", "Hello."), ("Your name?", "Swift-Robot."), ("Who made you?", "CSDN."), ("2+2?", "4, of course.")]
-    return [chat.encode((Message("user", q), Message("assistant", a)), "Be brief.") for q, a in pairs]
+    return chat_rows(embedded_model_path, pairs)
 
 
 @pytest.fixture(scope="module")
 def model(embedded_model_path: Path) -> Any:
-    lora = LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = train_loop.load_lora_model(str(embedded_model_path), lora, 0, CPU, local_only=True)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would leave every lora_A gradient zero
-            torch.nn.init.normal_(param, std=0.02)
-    return model
+    return lora_model_with_random_b(embedded_model_path, dropout=0.0)
 
 
 def loss_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:

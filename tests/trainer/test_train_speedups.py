@@ -12,11 +12,11 @@ import torch
 
 from lorafleet_trainer import train_loop
 from lorafleet_trainer.attention import VARLEN_ATTENTION, enable_varlen_attention, kernel_works, torch_varlen_kernel
-from lorafleet_trainer.datasets import Message
 from lorafleet_trainer.lm_loss import lm_head_loss_sum
 from lorafleet_trainer.lora_forward import set_lean_lora_forward, uses_lean_lora_forward
-from lorafleet_trainer.manifest import LoraSpec
-from lorafleet_trainer.tokenize import ChatTokenizer, TokenizedExample
+from lorafleet_trainer.tokenize import TokenizedExample
+
+from .conftest import chat_rows, lora_model_with_random_b
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.timeout(300)
@@ -24,22 +24,13 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def rows(embedded_model_path: Path) -> list[TokenizedExample]:
-    from transformers import AutoTokenizer
-
-    chat = ChatTokenizer(AutoTokenizer.from_pretrained(embedded_model_path))
     pairs = [("Hi!", "Hello there."), ("Your name?", "Swift-Robot."), ("2+2?", "4."), ("Capital of France?", "Paris.")]
-    return [chat.encode((Message("user", q), Message("assistant", a)), "Be brief.") for q, a in pairs]
+    return chat_rows(embedded_model_path, pairs)
 
 
 @pytest.fixture(scope="module")
 def model(embedded_model_path: Path) -> Any:
-    lora = LoraSpec(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = train_loop.load_lora_model(str(embedded_model_path), lora, 0, CPU, local_only=True)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would leave every lora_A gradient zero
-            torch.nn.init.normal_(param, std=0.02)
-    return model
+    return lora_model_with_random_b(embedded_model_path, dropout=0.1)
 
 
 def loss_and_grads(model: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> tuple[float, list[torch.Tensor]]:
