@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class MergeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MERGE_STATE_LORA: _ClassVar[MergeState]
+    MERGE_STATE_MERGING: _ClassVar[MergeState]
+    MERGE_STATE_MERGED: _ClassVar[MergeState]
+    MERGE_STATE_UNMERGING: _ClassVar[MergeState]
+MERGE_STATE_LORA: MergeState
+MERGE_STATE_MERGING: MergeState
+MERGE_STATE_MERGED: MergeState
+MERGE_STATE_UNMERGING: MergeState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -157,7 +169,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "loaded_adapters", "base_model", "max_lora_rank", "gpu_adapters", "disk_adapters", "max_loras", "max_cpu_loras")
+    __slots__ = ("running", "waiting", "loaded_adapters", "base_model", "max_lora_rank", "gpu_adapters", "disk_adapters", "max_loras", "max_cpu_loras", "merge_capable", "merged_adapter", "merge_state", "merged_for_s")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +179,10 @@ class StatsResponse(_message.Message):
     DISK_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MERGE_CAPABLE_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MERGE_STATE_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FOR_S_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
@@ -176,4 +192,28 @@ class StatsResponse(_message.Message):
     disk_adapters: _containers.RepeatedScalarFieldContainer[str]
     max_loras: int
     max_cpu_loras: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., gpu_adapters: _Optional[_Iterable[str]] = ..., disk_adapters: _Optional[_Iterable[str]] = ..., max_loras: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ...) -> None: ...
+    merge_capable: bool
+    merged_adapter: str
+    merge_state: MergeState
+    merged_for_s: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., gpu_adapters: _Optional[_Iterable[str]] = ..., disk_adapters: _Optional[_Iterable[str]] = ..., max_loras: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., merge_capable: _Optional[bool] = ..., merged_adapter: _Optional[str] = ..., merge_state: _Optional[_Union[MergeState, str]] = ..., merged_for_s: _Optional[float] = ...) -> None: ...
+
+class MergeAdapterRequest(_message.Message):
+    __slots__ = ("adapter", "force")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    force: bool
+    def __init__(self, adapter: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class MergeAdapterResponse(_message.Message):
+    __slots__ = ("merged_adapter", "changed", "drain_s", "merge_s")
+    MERGED_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_S_FIELD_NUMBER: _ClassVar[int]
+    MERGE_S_FIELD_NUMBER: _ClassVar[int]
+    merged_adapter: str
+    changed: bool
+    drain_s: float
+    merge_s: float
+    def __init__(self, merged_adapter: _Optional[str] = ..., changed: _Optional[bool] = ..., drain_s: _Optional[float] = ..., merge_s: _Optional[float] = ...) -> None: ...

@@ -60,6 +60,11 @@ class InferenceServiceStub:
                 request_serializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.StatsRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/lorafleet.inference.v1.InferenceService/MergeAdapter',
+                request_serializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.MergeAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -105,6 +110,19 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapter(self, request, context):
+        """MergeAdapter puts a merge-capable replica into merged mode for one adapter:
+        its weights are added into the base model's, and the replica then serves
+        that adapter only, with no LoRA cost. An empty adapter returns the replica
+        to LoRA mode (base weights restored exactly). Requests in flight finish
+        first; new requests the mode cannot serve fail with FAILED_PRECONDITION.
+        FAILED_PRECONDITION too when the replica is not merge-capable or its
+        current merge is younger than its minimum hold time (unless force).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +150,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.StatsRequest.FromString,
                     response_serializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.StatsResponse.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=lorafleet_dot_inference_dot_v1_dot_inference__pb2.MergeAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +293,33 @@ class InferenceService:
             '/lorafleet.inference.v1.InferenceService/Stats',
             lorafleet_dot_inference_dot_v1_dot_inference__pb2.StatsRequest.SerializeToString,
             lorafleet_dot_inference_dot_v1_dot_inference__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.inference.v1.InferenceService/MergeAdapter',
+            lorafleet_dot_inference_dot_v1_dot_inference__pb2.MergeAdapterRequest.SerializeToString,
+            lorafleet_dot_inference_dot_v1_dot_inference__pb2.MergeAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
