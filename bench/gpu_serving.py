@@ -141,7 +141,14 @@ def service_settings(args: argparse.Namespace, work: Path, model_dir: Path, dumm
         "max_model_len": args.max_model_len,
         "load_format": "dummy" if dummy else "auto",
     }
-    for name in ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "dtype", "enforce_eager"):
+    for name in (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "specialize_active_lora",
+        "gpu_memory_utilization",
+        "dtype",
+        "enforce_eager",
+    ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return InferenceSettings(**values)
@@ -163,6 +170,7 @@ def settings_env(settings: Any) -> dict[str, str]:
         "load_format",
         "max_num_seqs",
         "max_num_batched_tokens",
+        "specialize_active_lora",
         "gpu_memory_utilization",
         "dtype",
         "enforce_eager",
@@ -342,6 +350,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's (see docs/inference.md)")
+    p.add_argument(
+        "--specialize-active-lora",
+        type=lambda s: s.lower() == "true",
+        default=None,
+        help="true|false: vLLM's LoRA grid by active adapters (default: the service's)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--enforce-eager", type=lambda s: s.lower() == "true", default=None)

@@ -23,6 +23,7 @@ SERVICE_ENGINE_FIELDS = (
     "load_format",
     "max_num_seqs",
     "max_num_batched_tokens",
+    "specialize_active_lora",
 )
 
 

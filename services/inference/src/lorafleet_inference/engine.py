@@ -94,6 +94,8 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
         extra["max_num_seqs"] = settings.max_num_seqs
     if settings.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    if settings.specialize_active_lora is not None:
+        extra["specialize_active_lora"] = settings.specialize_active_lora
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=settings.served_model_name,

@@ -39,6 +39,14 @@ class InferenceSettings(CommonSettings):
         "(2048 in vLLM 0.26 on an H100; its offline LLM class uses 16384). Larger raises throughput of "
         "prompt-heavy load, smaller keeps inter-token latency low while prompts are being prefilled.",
     )
+    specialize_active_lora: bool | None = Field(
+        default=None,
+        description="Size the LoRA kernels' grid by the adapters active in a step instead of by max_loras, "
+        "with one CUDA graph per power-of-two count of active adapters (vLLM's specialize_active_lora). "
+        "Without it every LoRA kernel launches blocks for all max_loras slots, most of which exit at once "
+        "when few adapters are in use. None = vLLM's default (off). GPU only; costs start-up time and some "
+        "graph memory.",
+    )
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,
