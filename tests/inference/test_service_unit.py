@@ -411,6 +411,17 @@ def test_engine_args_pass_tensor_parallelism_and_tiers_through(tmp_path: Path) -
     assert tuned.max_num_batched_tokens == 16384
 
 
+def test_specialize_active_lora_defaults_on_with_cuda_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorafleet_inference import engine
+
+    monkeypatch.setattr(engine, "on_cuda", lambda: False)
+    assert engine.engine_args(InferenceSettings(home=tmp_path), "/m").specialize_active_lora is False
+    monkeypatch.setattr(engine, "on_cuda", lambda: True)
+    assert engine.engine_args(InferenceSettings(home=tmp_path), "/m").specialize_active_lora is True
+    off = InferenceSettings(home=tmp_path, specialize_active_lora=False)
+    assert engine.engine_args(off, "/m").specialize_active_lora is False
+
+
 def test_the_vllm_plugin_makes_cpu_lora_ops_skip_tokens_without_an_adapter() -> None:
     import torch
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu

@@ -94,8 +94,9 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
         extra["max_num_seqs"] = settings.max_num_seqs
     if settings.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = settings.max_num_batched_tokens
-    if settings.specialize_active_lora is not None:
-        extra["specialize_active_lora"] = settings.specialize_active_lora
+    specialize = settings.specialize_active_lora if settings.specialize_active_lora is not None else cuda
+    if specialize:  # the CPU build's LoRA ops have no such grid: leave vLLM's default there
+        extra["specialize_active_lora"] = True
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=settings.served_model_name,

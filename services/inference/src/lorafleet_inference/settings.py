@@ -44,8 +44,8 @@ class InferenceSettings(CommonSettings):
         description="Size the LoRA kernels' grid by the adapters active in a step instead of by max_loras, "
         "with one CUDA graph per power-of-two count of active adapters (vLLM's specialize_active_lora). "
         "Without it every LoRA kernel launches blocks for all max_loras slots, most of which exit at once "
-        "when few adapters are in use. None = vLLM's default (off). GPU only; costs start-up time and some "
-        "graph memory.",
+        "when few adapters are in use. None = on with CUDA (H100, Qwen2.5-7B: one adapter 0.67 -> 0.78 of the "
+        "base model's throughput, 8 adapters 0.63 -> 0.72; engine start ~1 min longer), off on CPU.",
     )
     gpu_memory_utilization: float | None = Field(
         default=None,
