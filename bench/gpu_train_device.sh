@@ -5,6 +5,7 @@
 #   gpu-bundle/tokenizer   qwen25-tokenizer.tar.xz (tokenizer.json + tokenizer_config.json, bench/serving/model.py)
 #
 #   bash bench/gpu_train_device.sh [--budget-s 525] [--stages bench2048,seeds-packed,seeds-default,bench512]
+#   bash bench/gpu_train_device.sh --stages profile,bench2048   # with CASES_2048=... (see docs/benchmarks.md)
 #
 # Stages, in the order given, each under a time limit that leaves the later ones their share of the budget:
 #   bench2048      bench/trainer.py at 2,048 tokens: hf+peft baselines, our loop padded and packed (1-8 packs per
@@ -12,9 +13,13 @@
 #   seeds-packed   bench/seeds_workload.py: the seeds' job through the worker, packing on, under a 22 GB cap
 #   seeds-default  the same job with our defaults (packing off); stopped after the step that passes its deadline
 #   bench512       bench/trainer.py at 512 tokens (only if enough time is left)
+#   profile        (not in the default list) bench/trainer.py --profile at 2,048 tokens on $CASES_PROFILE (default: two
+#                  packs per forward, eager and +compile): wall vs host issue vs GPU kernel time per micro-batch, top
+#                  kernels, host-device syncs; compile time of +compile cases ($COMPILE_BACKEND, default inductor)
 # Results: $OUT/{env.txt,nvidia-smi.txt,*.json,*.log}; the key lines are printed.
 # A CPU dry run of this script's logic (embedded model, tiny sizes, no bundle needed):
 #   SMOKE=1 MODEL=.lorafleet/models/smollm2-135m-instruct OUT=/tmp/dry bash bench/gpu_train_device.sh --budget-s 600
+#   (+compile cases on a CPU: COMPILE_BACKEND=aot_eager, inductor's C++ compilation takes minutes there)
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -44,8 +49,8 @@ say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohe
 python3 - > "$OUT/env.txt" 2>&1 <<'EOF'
 import importlib, inspect, platform, sys
 print("python", platform.python_version())
-for name in ["torch", "transformers", "peft", "bitsandbytes", "pydantic", "pydantic_settings", "minio", "yaml", "grpc",
-             "lorafleet_trainer.worker", "lorafleet_trainer.train_loop"]:
+for name in ["torch", "transformers", "peft", "bitsandbytes", "triton", "pydantic", "pydantic_settings", "minio", "yaml",
+             "grpc", "lorafleet_trainer.worker", "lorafleet_trainer.train_loop"]:
     try:
         module = importlib.import_module(name)
         print(f"ok {name} {getattr(module, '__version__', '')}")
@@ -60,8 +65,12 @@ except ImportError as exc:
     print("varlen_attn: none", exc)
 print("our varlen kernel:", "usable" if torch_varlen_kernel() else "none (packed rows keep sdpa + 4D mask)")
 print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+import shutil
+# Triton builds its launchers with the system C compiler: without one, inductor (training.compile) cannot run
+print("C compiler:", next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+      or "none (inductor cannot compile: +compile cases fall back to eager)")
 EOF
-grep -E "MISSING|varlen|^ok (torch|transformers|peft|bitsandbytes) |device" "$OUT/env.txt"
+grep -E "MISSING|varlen|^ok (torch|transformers|peft|bitsandbytes|triton) |device|compiler" "$OUT/env.txt"
 
 run_stage() {  # name, seconds wanted, command...
   local name=$1 want=$2 lim rc; shift 2
@@ -79,10 +88,16 @@ DEFAULT_2048="$DEFAULT_2048,ours packed x4 +gc cap22,ours packed x8 +gc,ours pac
 DEFAULT_2048="$DEFAULT_2048,ours packed +gc mask,ours packed +gc nf4"
 CASES_2048="${CASES_2048:-$DEFAULT_2048}"
 CASES_512="${CASES_512:-hf+peft,hf+peft +gc,ours +gc,ours packed +gc,ours packed x4 +gc,ours packed x4}"
+CASES_PROFILE="${CASES_PROFILE:-ours packed x2,ours packed x2 +compile}"
+COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
 for stage in ${STAGES//,/ }; do
   case $stage in
     bench2048) run_stage bench2048 270 python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 --rows 96 \
-                 --batch-size 2 --grad-accum 4 --warmup-rows 32 --cases "$CASES_2048" --json-out "$OUT/bench2048.json" "${SMOKE_ARGS[@]}" ;;
+                 --batch-size 2 --grad-accum 4 --warmup-rows 32 --cases "$CASES_2048" --compile-backend "$COMPILE_BACKEND" \
+                 --json-out "$OUT/bench2048.json" "${SMOKE_ARGS[@]}" ;;
+    profile) run_stage profile "${PROFILE_LIMIT_S:-240}" python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 \
+                 --rows 48 --batch-size 2 --grad-accum 4 --warmup-rows 16 --no-check --cases "$CASES_PROFILE" --profile \
+                 --compile-backend "$COMPILE_BACKEND" --json-out "$OUT/profile.json" "${SMOKE_ARGS[@]}" ;;
     seeds-packed) run_stage seeds-packed "${SEEDS_PACKED_LIMIT_S:-130}" python3 bench/seeds_workload.py --model "$MODEL" \
                  --tokenizer-from /tmp/qwen25-tokenizer --packing on --memory-cap-gb 22 --work /tmp/seeds-packed \
                  --deadline-s "${SEEDS_PACKED_DEADLINE_S:-100}" --json-out "$OUT/seeds-packed.json" "${SMOKE_ARGS[@]}" ;;

@@ -18,6 +18,13 @@ warm-up, a fresh AdamW for each case. A case is named by words (``--cases``, com
   capN              the CUDA caching allocator capped at N GB (10^9 bytes) for the case: it fails rather than
                     use more, so a case that runs is shown to fit (e.g. a 24 GB card's budget: cap22)
   peft-fwd, mask    ablations of ours: PEFT's own LoRA forward; sdpa with the 4D mask instead of varlen
+  +compile          ``training.compile``: the decoder layers through torch.compile (--compile-backend, default
+                    inductor); the warm-up epoch then runs on all rows, so that it compiles every shape the timed
+                    epoch meets, and the compilation's own time is reported (compile_s, graphs)
+
+--profile [CASES]: after a case's timed epoch, 3 of its micro-batches again, timed (wall and host issue time per
+micro-batch, host-device syncs) and under torch.profiler (GPU kernel time, so GPU busy = kernels / wall, and the top
+ops); for every case, or the comma-separated ones named (bench/training/profiling.py).
 
 tokens/s: the rows' real (non-padding) tokens over the epoch's wall time, the same count for every case.
 peak memory: CUDA max_memory_allocated during the case (and max_memory_reserved, what the card must hold);
@@ -30,6 +37,7 @@ overstate the work. Recomputation under gradient checkpointing is not counted (m
     python bench/trainer.py --smoke                          # CPU, embedded SmolLM2-135M, under a minute
     python bench/trainer.py --model qwen2.5-7b --seq-len 2048 --cases 'hf+peft +gc,ours packed x4 +gc cap22'
     python bench/trainer.py --model /models/qwen2.5-7b --seq-len 512   # GPU, real weights
+    python bench/trainer.py --model qwen2.5-7b --seq-len 2048 --cases 'ours packed x2,ours packed x2 +compile' --profile
 """
 
 from __future__ import annotations
@@ -55,16 +63,20 @@ from typing import Any
 
 import torch
 from serving.model import QWEN25_7B  # bench/ is on sys.path: this file runs as a script
+from training.profiling import profile_micro_batches, report_lines
 from training.random_weights import random_weights
 
 from lorafleet_trainer import train_loop
 from lorafleet_trainer.attention import VARLEN_ATTENTION
+from lorafleet_trainer.compiled_layers import CompiledLayers, compiled_layers
 from lorafleet_trainer.lora_forward import set_lean_lora_forward
 from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
 DEFAULT_CASES = ["hf+peft", "hf+peft +gc", "ours", "ours +gc", "ours packed", "ours packed +gc"]
-CASE_WORDS = re.compile(r"^(hf\+peft|ours)((?: (?:packed|x\d+|\+gc|nf4|cap\d+(?:\.\d+)?|peft-fwd|mask))*)$")
+# dynamo's timers that add up to compilation: tracing and forward compilation, and backward graphs compiled lazily
+COMPILE_METRICS = ("_compile.compile_inner", "backward._backward_impl")
+CASE_WORDS = re.compile(r"^(hf\+peft|ours)((?: (?:packed|x\d+|\+gc|\+compile|nf4|cap\d+(?:\.\d+)?|peft-fwd|mask))*)$")
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class Case:
     cap_gb: float | None
     peft_forward: bool
     mask: bool
+    compile: bool = False
 
     @property
     def baseline(self) -> str:
@@ -88,11 +101,14 @@ class Case:
 def parse_case(name: str) -> Case:
     match = CASE_WORDS.match(name.strip())
     if not match:
-        raise SystemExit(f"unknown case {name!r}: 'hf+peft' or 'ours', then any of packed, xN, +gc, nf4, capN")
+        raise SystemExit(
+            f"unknown case {name!r}: 'hf+peft' or 'ours', then any of packed, xN, +gc, +compile, nf4, capN, "
+            "peft-fwd, mask"
+        )
     words = match.group(2).split()
     ours = match.group(1) == "ours"
-    if not ours and {"packed", "peft-fwd", "mask"} & set(words):
-        raise SystemExit(f"case {name!r}: packed, peft-fwd and mask are variants of 'ours'")
+    if not ours and {"packed", "peft-fwd", "mask", "+compile"} & set(words):
+        raise SystemExit(f"case {name!r}: packed, +compile, peft-fwd and mask are variants of 'ours'")
     sizes = [int(w[1:]) for w in words if w.startswith("x")]
     caps = [float(w[3:]) for w in words if w.startswith("cap")]
     return Case(
@@ -105,6 +121,7 @@ def parse_case(name: str) -> Case:
         cap_gb=caps[-1] if caps else None,
         peft_forward="peft-fwd" in words,
         mask="mask" in words,
+        compile="+compile" in words,
     )
 
 
@@ -243,6 +260,21 @@ def hf_peft_epoch(model: Any, rows: list[TokenizedExample], args: argparse.Names
         optimizer.zero_grad(set_to_none=True)
 
 
+def case_training(case: Case, args: argparse.Namespace) -> TrainingSpec:
+    """The manifest's training section of an 'ours' case: one epoch, no warm-up ratio."""
+    default = args.packed_batch_size if case.packing else args.batch_size
+    return TrainingSpec(
+        epochs=1,
+        batch_size=case.per_forward or default,
+        gradient_accumulation_steps=args.grad_accum,
+        max_length=args.seq_len,
+        warmup_ratio=0.0,
+        packing=case.packing,
+        gradient_checkpointing=case.gc,
+        compile=case.compile,
+    )
+
+
 def case_epoch(case: Case, model: Any, args: argparse.Namespace) -> Callable[[list[TokenizedExample]], None]:
     if not case.ours:
         batch_size = case.per_forward or args.batch_size
@@ -253,22 +285,49 @@ def case_epoch(case: Case, model: Any, args: argparse.Namespace) -> Callable[[li
                 hf_peft_epoch(model, data, args, batch_size)
 
         return hf_epoch
-    default = args.packed_batch_size if case.packing else args.batch_size
-    training = TrainingSpec(
-        epochs=1,
-        batch_size=case.per_forward or default,
-        gradient_accumulation_steps=args.grad_accum,
-        max_length=args.seq_len,
-        warmup_ratio=0.0,
-        packing=case.packing,
-        gradient_checkpointing=case.gc,
-    )
+    training = case_training(case, args)
 
     def our_epoch(data: list[TokenizedExample]) -> None:
         with plain_peft(model, lora_forward=case.peft_forward, attention=case.mask):
-            train_loop.train(model, data, training, args.pad_id, lambda report: None, args.device)
+            train_loop.train(
+                model,
+                data,
+                training,
+                args.pad_id,
+                lambda report: None,
+                args.device,
+                compile_backend=args.compile_backend,
+            )
 
     return our_epoch
+
+
+def compilation_totals() -> tuple[float, int]:
+    """(seconds spent compiling, graphs compiled) so far in this process: dynamo's tracing and the backend's
+    compilation of forward graphs, and the backward graphs compiled at their first use."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    seconds = sum(sum(times) for key, times in compilation_time_metrics.items() if key in COMPILE_METRICS)
+    return seconds, int(counters["stats"]["unique_graphs"])
+
+
+def compiled_layers_of(model: Any, case: Case, args: argparse.Namespace) -> CompiledLayers | None:
+    """The compiled layers a case's train() used (made once per model and shape policy)."""
+    return compiled_layers(model, packed=case.packing, backend=args.compile_backend)
+
+
+def profile_case(case: Case, model: Any, rows: list[TokenizedExample], args: argparse.Namespace) -> dict[str, Any]:
+    if not case.ours:
+        return {"error": "only 'ours' cases are profiled"}
+    try:
+        with plain_peft(model, lora_forward=case.peft_forward, attention=case.mask):
+            return profile_micro_batches(
+                model, rows, case_training(case, args), args.pad_id, args.device, compile_backend=args.compile_backend
+            )
+    except Exception as exc:  # the profile is extra: the case's timing stands without it
+        traceback.print_exc()
+        model.zero_grad(set_to_none=True)
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def run_case(case: Case, model: Any, rows: list[TokenizedExample], args: argparse.Namespace) -> dict[str, Any]:
@@ -276,15 +335,27 @@ def run_case(case: Case, model: Any, rows: list[TokenizedExample], args: argpars
     epoch = case_epoch(case, model, args)
     reset_peak(device)
     error = ""
+    profiled: dict[str, Any] | None = None
+    # A compiled case warms up on every row: every shape of the timed epoch (an epoch's last micro-batch) compiled.
+    warmup_rows = rows if case.compile else rows[: args.warmup_rows]
+    compiled_before = compilation_totals() if case.compile else (0.0, 0)
     try:
         with memory_cap(device, case.cap_gb):
-            epoch(rows[: args.warmup_rows])  # kernels, allocator, autotuning
+            warmup_began = time.perf_counter()
+            epoch(warmup_rows)  # kernels, allocator, autotuning, compilation
             sync(device)
+            warmup_seconds = time.perf_counter() - warmup_began
+            compiled_after = compilation_totals() if case.compile else (0.0, 0)
             reset_peak(device)
             began = time.perf_counter()
             epoch(rows)
             sync(device)
             seconds = time.perf_counter() - began
+            compiled_timed = compilation_totals() if case.compile else (0.0, 0)
+            if compiled_timed[1] != compiled_after[1]:
+                print(f"  {case.name}: the timed epoch compiled more graphs", file=sys.stderr, flush=True)
+            if args.profile is not None and (not args.profile or case.name in args.profile):
+                profiled = profile_case(case, model, rows, args)
     except torch.OutOfMemoryError as exc:
         error = "out of memory: " + str(exc).splitlines()[0][:200]
     except Exception as exc:  # one broken case must not cost the others (a device call is scarce)
@@ -292,6 +363,8 @@ def run_case(case: Case, model: Any, rows: list[TokenizedExample], args: argpars
         error = f"{type(exc).__name__}: {str(exc)[:300]}"
     peak, reserved = peak_bytes(device)
     result: dict[str, Any] = {"case": case.name, "peak_bytes": peak, "reserved_bytes": reserved, "cap_gb": case.cap_gb}
+    if profiled is not None:
+        result["profile"] = profiled
     if error:  # out of the except block, so the failed step's tensors can be freed
         print(f"  {case.name}: {error}", file=sys.stderr, flush=True)
         for param in model.parameters():
@@ -302,7 +375,16 @@ def run_case(case: Case, model: Any, rows: list[TokenizedExample], args: argpars
     tok_s = tokens / seconds
     mfu = 4 * args.n_matmul * tok_s / args.peak_flops if args.peak_flops else None
     print(f"  {case.name}: {tok_s:.1f} tok/s, peak {(peak or 0) / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-    return result | {"seconds": seconds, "tok_s": tok_s, "mfu": mfu}
+    result |= {"seconds": seconds, "tok_s": tok_s, "mfu": mfu, "warmup_s": warmup_seconds}
+    if case.compile:
+        result |= {
+            "compile_s": compiled_after[0] - compiled_before[0],
+            "graphs": compiled_after[1] - compiled_before[1],
+            "graphs_in_timed_epoch": compiled_timed[1] - compiled_after[1],
+            # a compilation failure leaves a warning and an eager run: say so next to the numbers
+            "compile_failure": getattr(compiled_layers_of(model, case, args), "failure", None),
+        }
+    return result
 
 
 def packing_check(model: Any, rows: list[TokenizedExample], args: argparse.Namespace) -> dict[str, Any]:
@@ -465,6 +547,17 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
         speed = f"{case['tok_s'] / base['tok_s']:.2f}" if base.get("tok_s") else "n/a"
         lines.append(f"{name:<28}{case['tok_s']:>10.1f}{mem:>10}{reserved:>10}{mfu:>8}{speed:>7}{mem_ratio:>11}")
     lines.append("(ratios against hf+peft with the same gradient checkpointing and quantization; GiB = 2^30 bytes)")
+    for case in r["cases"]:
+        if "compile_s" in case:
+            failure = case.get("compile_failure")
+            lines.append(
+                f"{case['case']}: compiled {case['graphs']} graph(s) in {case['compile_s']:.1f} s during its "
+                f"{case['warmup_s']:.1f} s warm-up epoch, {case['graphs_in_timed_epoch']} in the timed epoch"
+                + (f"; COMPILATION FAILED, ran eagerly: {failure[:200]}" if failure else "")
+            )
+    for case in r["cases"]:
+        if "profile" in case:
+            lines += ["", *report_lines(case["case"], case["profile"])]
     return "\n".join(lines)
 
 
@@ -486,6 +579,16 @@ def main() -> int:
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (CUDA default 989e12)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--no-check", dest="check_packing", action="store_false", help="skip the packing check")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="",
+        default=None,
+        help="profile 3 micro-batches of every case, or of the comma-separated ones named (training/profiling.py)",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of +compile cases (default inductor)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run for the test suite (CPU: under a minute)")
     parser.add_argument("--json-out", type=Path, help="also write the raw results as JSON here")
     args = parser.parse_args()
@@ -496,6 +599,11 @@ def main() -> int:
     args.cases = args.cases or DEFAULT_CASES
     for name in args.cases:
         parse_case(name)  # fail on a typo before building a 7B model
+    if args.profile is not None:
+        args.profile = [c.strip() for c in args.profile.split(",") if c.strip()]
+        unknown = set(args.profile) - set(args.cases)
+        if unknown:
+            raise SystemExit(f"--profile names cases not in --cases: {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args)

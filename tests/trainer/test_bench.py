@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = ["hf+peft", "hf+peft +gc", "ours", "ours +gc", "ours packed", "ours packed +gc", "ours packed x2 peft-fwd"]
+CASES += ["ours packed +compile"]  # aot_eager here: inductor's C++ compilation takes minutes on this CPU
+PROFILED = ["ours packed", "ours packed +compile"]
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -20,7 +22,8 @@ def test_trainer_bench_smoke(tmp_path: Path, embedded_model_path: Path) -> None:
     cases = [*CASES, "ours nf4"]  # QLoRA needs CUDA: reported as skipped, with the reason
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "trainer.py"), "--smoke", "--cases", ",".join(cases)]
-        + ["--model", str(embedded_model_path), "--json-out", str(out)],
+        + ["--model", str(embedded_model_path), "--json-out", str(out)]
+        + ["--compile-backend", "aot_eager", "--profile", ",".join(PROFILED)],
         capture_output=True,
         text=True,
         timeout=800,
@@ -42,6 +45,21 @@ def test_trainer_bench_smoke(tmp_path: Path, embedded_model_path: Path) -> None:
     check = data["models"]["base"]["packing_check"]
     assert check["packed_vs_padded"]["loss_rel"] < 1e-5 and check["packed_vs_padded"]["grad_rel"] < 1e-4
     assert check["leaky_vs_padded"]["grad_rel"] > 100 * max(check["packed_vs_padded"]["grad_rel"], 1e-6)
+    # +compile: the warm-up epoch compiled the layers (one graph for all), the timed epoch compiled nothing.
+    compiled = next(c for c in measured if c["case"] == "ours packed +compile")
+    assert compiled["graphs"] >= 1 and compiled["compile_s"] > 0 and compiled["graphs_in_timed_epoch"] == 0
+    assert compiled["compile_failure"] is None
+    assert "ours packed +compile: compiled" in result.stdout
+    # --profile: micro-batches timed and profiled after the timed epoch (CPU: no GPU kernels, no syncs to count).
+    for case in measured:
+        if case["case"] not in PROFILED:
+            assert "profile" not in case
+            continue
+        profile = case["profile"]
+        assert profile["micro_batches"] >= 1 and profile["wall_ms"] >= profile["host_issue_ms"] > 0
+        assert profile["kernel_ms"] is None and profile["top_by"] == "self CPU time"
+        assert any(op["name"] == "aten::mm" for op in profile["top"]) and sum(op["share"] for op in profile["top"]) <= 1
+        assert f"profile {case['case']}:" in result.stdout
 
 
 def test_seeds_workload_smoke(tmp_path: Path, embedded_model_path: Path) -> None:

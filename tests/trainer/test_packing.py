@@ -64,8 +64,11 @@ def test_packed_rows_restart_positions_and_never_predict_across_a_boundary() -> 
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5], [IGNORE_INDEX, IGNORE_INDEX, 8, 9, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch["sequence_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]
+    # The positions whose next token is labelled (flat over 2 x 5 tokens), found by the host: no device sync.
+    assert batch["label_positions"].tolist() == [0, 1, 3, 6, 7]
+    assert batch["label_targets"].tolist() == [2, 3, 5, 8, 9]
     padded = train_loop.collate([[a], [b]], 0, CPU)  # one row per sequence: the plain padded batch
-    assert set(padded) == {"input_ids", "attention_mask", "labels"}
+    assert set(padded) == {"input_ids", "attention_mask", "labels", "label_positions", "label_targets"}
 
 
 @pytest.fixture(scope="module")

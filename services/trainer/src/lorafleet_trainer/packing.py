@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lorafleet_trainer.attention import VARLEN_ATTENTION
+from lorafleet_trainer.batch_transfer import label_selection, to_device
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -47,9 +48,20 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return packs
 
 
-def collate_packed(packs: list[list[TokenizedExample]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Packed ids, labels, restarting position ids and each token's row number in its pack (``sequence_ids``)."""
-    width = max(sum(len(r.input_ids) for r in pack) for pack in packs)
+def collate_packed(
+    packs: list[list[TokenizedExample]], pad_id: int, device: torch.device, width: int | None = None
+) -> dict[str, Any]:
+    """Packed ids, labels, restarting position ids and each token's row number in its pack (``sequence_ids``).
+
+    ``width``: every pack padded to this many tokens (a fixed shape for compiled layers), and ``max_seq_len``
+    set to it (an upper bound on every row, which flash varlen kernels accept); default: the longest pack's
+    length, and the longest row's.
+    """
+    longest_pack = max(sum(len(r.input_ids) for r in pack) for pack in packs)
+    if width is not None and width < longest_pack:
+        raise ValueError(f"a pack of {longest_pack} tokens does not fit the fixed width {width}")
+    fixed_width = width is not None
+    width = width or longest_pack
     ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(packs), width), dtype=torch.long)
@@ -71,14 +83,15 @@ def collate_packed(packs: list[list[TokenizedExample]], pad_id: int, device: tor
             segments.append(width - start)
     boundaries = torch.zeros(len(segments) + 1, dtype=torch.int32)
     boundaries[1:] = torch.tensor(segments).cumsum(0)
-    return {
-        "input_ids": ids.to(device),
-        "labels": labels.to(device),
-        "position_ids": positions.to(device),
-        "sequence_ids": sequence_ids.to(device),
-        "cu_seq_lens": boundaries.to(device),
-        "max_seq_len": torch.tensor(max(segments)),  # stays on the CPU: read without a device sync
-    }
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "sequence_ids": sequence_ids,
+        "cu_seq_lens": boundaries,
+        "max_seq_len": width if fixed_width else max(segments),  # a Python int: read without a device sync
+    } | label_selection(labels)
+    return to_device(batch, device)
 
 
 def block_causal_mask(sequence_ids: torch.Tensor) -> torch.Tensor:

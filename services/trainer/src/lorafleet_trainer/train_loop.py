@@ -12,8 +12,8 @@ are summed across ranks before the optimizer step).
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.util
 import math
 import random
 import resource
@@ -25,18 +25,26 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer.attention import enable_varlen_attention
+from lorafleet_trainer.batch_transfer import label_selection, to_device
 from lorafleet_trainer.checkpoint import LoopState, checkpoint_due
+from lorafleet_trainer.compiled_layers import CompiledLayers, compiled_layers, run_with_eager_fallback
 from lorafleet_trainer.distributed import Ranks
 from lorafleet_trainer.lm_loss import lm_head_loss_sum
-from lorafleet_trainer.lora_forward import set_lean_lora_forward
-from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
+from lorafleet_trainer.manifest import TrainingSpec
+from lorafleet_trainer.model_loading import (  # noqa: F401  (re-exported: callers load models through train_loop)
+    QuantizationUnavailable,
+    add_lora,
+    load_lora_model,
+    quantization_problem,
+)
 from lorafleet_trainer.packing import collate_packed, pack_rows, packed_model_inputs
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
 LENGTH_GROUP_BATCHES = 16  # batches per length-sorted window: little padding, still shuffled
 # Causal LMs whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after it.
 PLAIN_LM_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Decoders that take a ready {layer type: mask} mapping instead of building their masks from the inputs.
+PREPARED_MASK_MODELS = frozenset({"qwen2", "qwen3"})
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,6 @@ class StepReport:
     eta_seconds: float
     peak_memory_bytes: int
     trained_tokens: int
-
-
-class QuantizationUnavailable(RuntimeError):
-    """The manifest asks for a quantized base that this trainer cannot load (no CUDA, no bitsandbytes)."""
 
 
 class ResumeMismatch(RuntimeError):
@@ -135,15 +139,18 @@ def plan_batches(lengths: Sequence[int], training: TrainingSpec, rng: random.Ran
     return batches
 
 
-def collate(sequences: list[list[TokenizedExample]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A micro-batch's tensors: packed (see packing.py) if a sequence holds several rows, else padded."""
-    if any(len(rows) > 1 for rows in sequences):
-        return collate_packed(sequences, pad_id, device)
+def collate(
+    sequences: list[list[TokenizedExample]], pad_id: int, device: torch.device, width: int | None = None
+) -> dict[str, Any]:
+    """A micro-batch's tensors: packed (see packing.py; ``width``: pad each pack to it) if a sequence holds several
+    rows or a width is fixed, else padded."""
+    if width is not None or any(len(rows) > 1 for rows in sequences):
+        return collate_packed(sequences, pad_id, device, width)
     return collate_padded([rows[0] for rows in sequences], pad_id, device)
 
 
-def collate_padded(rows: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (-100 on padding)."""
+def collate_padded(rows: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, Any]:
+    """Right-padded input ids, attention mask and labels (-100 on padding), and the labelled positions."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -153,87 +160,7 @@ def collate_padded(rows: list[TokenizedExample], pad_id: int, device: torch.devi
         ids[i, :n] = torch.tensor(row.input_ids)
         labels[i, :n] = torch.tensor(row.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def load_lora_model(
-    model_path: str,
-    lora: LoraSpec,
-    seed: int,
-    device: torch.device,
-    *,
-    local_only: bool,
-    dtype: torch.dtype | None = None,
-) -> Any:
-    """The base model with a fresh LoRA adapter; only the adapter trains. bf16 on CUDA, fp32 elsewhere.
-
-    With ``lora.quantization == "nf4"`` (QLoRA) the frozen base is loaded in 4-bit NF4 with double
-    quantization and bf16 compute; that needs CUDA and bitsandbytes (QuantizationUnavailable otherwise).
-    Flash-attention is used on CUDA when the package is installed (packed rows then go varlen).
-    """
-    from transformers import AutoModelForCausalLM
-
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    options: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
-    model: Any
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        options["attn_implementation"] = "flash_attention_2"
-    if lora.quantization == "nf4":
-        problem = quantization_problem(lora, device)
-        if problem:
-            raise QuantizationUnavailable(problem)
-        from transformers import BitsAndBytesConfig  # transformers imports bitsandbytes only when it loads
-
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        model = AutoModelForCausalLM.from_pretrained(model_path, device_map={"": index}, **options)
-        # No prepare_model_for_kbit_training: it would copy the embeddings, lm_head and norms to fp32, 2.2 GiB
-        # more on Qwen2.5-7B than the 4-bit weights' 3.6, for no stability bf16 lacks (RMSNorm computes in
-        # fp32 inside). Checkpointing and input gradients are set up by train() from the training spec.
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **options)
-        model = model.to(device)
-    if device.type == "cuda" and "attn_implementation" not in options:
-        enable_varlen_attention(model)  # packed rows: flash kernels per row instead of a dense mask
-    return add_lora(model, lora, seed)
-
-
-def add_lora(model: Any, lora: LoraSpec, seed: int) -> Any:
-    """``model`` (frozen) wrapped with a fresh PEFT LoRA adapter of the manifest's shape."""
-    from peft import LoraConfig, get_peft_model
-
-    model.config.use_cache = False
-    # An integral alpha is written as an int: some adapter readers type lora_alpha as int.
-    alpha: Any = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias="none",
-        use_dora=False,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(seed)  # LoRA A is initialised at random
-    peft_model = get_peft_model(model, config)
-    set_lean_lora_forward(peft_model)  # lora_forward.py: PEFT's fp32 detour costs more than the base matmuls
-    return peft_model
-
-
-def quantization_problem(lora: LoraSpec, device: torch.device) -> str | None:
-    """Why ``lora.quantization`` cannot run here, or None. Checks without importing bitsandbytes."""
-    if lora.quantization == "none":
-        return None
-    if device.type != "cuda":
-        return f"QLoRA (lora.quantization: {lora.quantization}) needs a CUDA GPU; this trainer has none"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return f"QLoRA (lora.quantization: {lora.quantization}) needs the bitsandbytes package; this trainer lacks it"
-    return None
+    return to_device({"input_ids": ids, "attention_mask": mask, "labels": labels} | label_selection(labels), device)
 
 
 def gradient_checkpointing_wanted(training: TrainingSpec, device: torch.device) -> bool:
@@ -254,32 +181,84 @@ def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
     model.enable_input_require_grads()
 
 
-def model_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     """The decoder's keyword arguments for a padded or a packed micro-batch."""
     if "sequence_ids" in batch:
         return packed_model_inputs(model, batch)
-    if model.config.model_type in PLAIN_LM_HEAD_MODELS:
+    config = model.config
+    if config.model_type in PLAIN_LM_HEAD_MODELS:
         # Rows are right-padded and these decoders are causal: no real token attends to the padding, so the
         # padding mask changes nothing the loss reads, and without one sdpa runs its flash kernel (is_causal).
-        return {"input_ids": batch["input_ids"]}
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+        if config.model_type in PREPARED_MASK_MODELS and set(getattr(config, "layer_types", None) or ()) == {
+            "full_attention"
+        }:
+            # The mask, ready: none. Left to build it, transformers looks for packed rows in the position ids
+            # and reads the answer on the host, a device sync per forward.
+            inputs["attention_mask"] = {"full_attention": None}
+        return inputs
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def micro_batch_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def labelled_positions(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions whose next token is labelled, those labels): collate's, computed on the host; for a batch
+    made by hand, from its labels here (a device sync)."""
+    if "label_positions" not in batch:
+        batch = batch | label_selection(batch["labels"])
+    return batch["label_positions"], batch["label_targets"]
+
+
+def micro_batch_loss_sum(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions."""
-    targets = batch["labels"][:, 1:]
-    selected = targets != IGNORE_INDEX
+    positions, targets = labelled_positions(batch)
     base = model.get_base_model()
     inputs = model_inputs(base, batch)
     if base.config.model_type in PLAIN_LM_HEAD_MODELS:
         # Project only the positions that carry a label: the vocabulary projection is a large share of the
         # compute on small models and of the memory on large vocabularies (Qwen: 152k).
-        hidden = base.get_decoder()(**inputs)
-        return lm_head_loss_sum(
-            base.get_output_embeddings(), hidden.last_hidden_state[:, :-1][selected], targets[selected]
-        )
-    logits = model(**inputs).logits[:, :-1][selected]
-    return torch.nn.functional.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        # index_select, not a boolean mask: the count of rows is known without asking the device, and the
+        # gradient is an index_add (no sort, no sync).
+        hidden = base.get_decoder()(**inputs).last_hidden_state
+        return lm_head_loss_sum(base.get_output_embeddings(), hidden.flatten(0, 1).index_select(0, positions), targets)
+    logits = model(**inputs).logits.flatten(0, 1).index_select(0, positions)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def micro_batch_backward(
+    model: Any,
+    sequences: list[list[TokenizedExample]],
+    label_count: int,
+    pad_id: int,
+    device: torch.device,
+    layers: CompiledLayers | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """One micro-batch's forward and backward pass, the loss scaled by the step's ``label_count``; its summed loss,
+    left on the device (reading it would make the host wait for the GPU)."""
+    batch = collate(sequences, pad_id, device, width)
+    if layers is not None:
+        layers.prepare(batch)
+    loss = micro_batch_loss_sum(model, batch)
+    (loss / label_count).backward()  # the global count: the ranks' gradients add up to the step's
+    return loss.detach()
+
+
+def share_loss_sum(
+    model: Any,
+    batches: list[list[list[TokenizedExample]]],
+    label_count: int,
+    pad_id: int,
+    device: torch.device,
+    training: TrainingSpec,
+    layers: CompiledLayers | None = None,
+) -> torch.Tensor:
+    """A step's micro-batches (one rank's share), forward and backward; their summed loss, on the device."""
+    total = torch.zeros((), dtype=torch.float64, device=device)  # a Python float's precision
+    # Compiled layers take packs of one width (one shape); eager ones, as wide as the longest.
+    width = training.max_length if training.packing and layers is not None and layers.failure is None else None
+    for sequences in batches:
+        total += micro_batch_backward(model, sequences, label_count, pad_id, device, layers, width)
+    return total
 
 
 def train(
@@ -293,6 +272,7 @@ def train(
     resume: LoopState | None = None,
     on_checkpoint: Callable[[LoopState], None] | None = None,
     ranks: Ranks | None = None,
+    compile_backend: str | Callable[..., Any] = "inductor",
 ) -> TrainSummary:
     """Train ``model``'s LoRA weights in place and report every optimizer step.
 
@@ -304,6 +284,9 @@ def train(
 
     With ``ranks`` (data parallel) every rank calls this with the same rows and manifest; each computes its
     share of every step and all end with the same weights. Only rank 0 gets ``on_step`` and ``on_checkpoint``.
+
+    ``training.compile`` runs the decoder layers compiled by ``compile_backend`` (compiled_layers.py). The loss
+    stays on the device until the step ends: one host read per optimizer step, none per micro-batch.
     """
     ranks = ranks or Ranks()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -325,6 +308,7 @@ def train(
         restore_rng(resume, ranks.rank, device)  # LoRA dropout draws continue where they stopped
     ranks.copy_from_main(params)  # the replicas start identical (they are, seeded; this makes sure)
     set_gradient_checkpointing(model, gradient_checkpointing_wanted(training, device))
+    layers = compiled_layers(model, packed=training.packing, backend=compile_backend) if training.compile else None
     model.train()
     first_step = step
     loss_value = float("nan")
@@ -348,13 +332,11 @@ def train(
             rows = [[[examples[i] for i in sequence] for sequence in batch] for batch in group]
             label_count = sum(e.trained_tokens for batch in rows for sequence in batch for e in sequence)
             step_tokens = sum(len(e.input_ids) for batch in rows for sequence in batch for e in sequence)
-            loss_sum = 0.0
-            for batch_rows in rows[ranks.rank :: ranks.world_size]:  # this rank's share: maybe none
-                loss = micro_batch_loss_sum(model, collate(batch_rows, pad_id, device))
-                (loss / label_count).backward()  # the global count: the ranks' gradients add up to the step's
-                loss_sum += float(loss.detach())
+            share = rows[ranks.rank :: ranks.world_size]  # this rank's micro-batches: maybe none
+            work = functools.partial(share_loss_sum, model, share, label_count, pad_id, device, training, layers)
+            loss_total = run_with_eager_fallback(layers, work, functools.partial(optimizer.zero_grad, set_to_none=True))
             ranks.sum_gradients(params)
-            [loss_sum] = ranks.sum([loss_sum])
+            [loss_sum] = ranks.sum([float(loss_total)])  # the step's one read of a device value
             if training.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
             optimizer.step()
