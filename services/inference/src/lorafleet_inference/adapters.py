@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -105,6 +105,7 @@ class AdapterManager:
         self._flights = SingleFlight()
         self._stage: dict[str, str] = {}  # what a load in flight is doing, for timeout messages
         self._registry_lock = asyncio.Lock()
+        self._held: Counter[str] = Counter()  # disk copies read outside the engine (merged mode)
         self._slot_freed = asyncio.Event()
         self.gpu = GpuSlots(gpu_slots or capacity)
         self.disk = DiskCache(cache_dir, budget_bytes=disk_budget_bytes, in_use=self._keys_in_use, metrics=self.metrics)
@@ -171,6 +172,35 @@ class AdapterManager:
                 await self._remove(adapter)
         return bool(victims)
 
+    async def resolve(self, ref: str) -> tuple[str, str]:
+        """(name, version) that ``ref`` names now: an unversioned name's LATEST (cached for latest_ttl_s)."""
+        parsed = parse_adapter_ref(ref)
+        return parsed.name, await self._resolve(parsed)
+
+    @asynccontextmanager
+    async def validated_copy(self, ref: str) -> AsyncIterator[LoadedAdapter]:
+        """``ref`` fetched and validated into the disk tier like a load (same checks), but not registered with
+        the engine; its folder is kept from eviction while the block runs. For merged mode, which reads the
+        files itself. ``lora_request`` is None."""
+        name, version = await self.resolve(ref)
+        key = f"{name}@{version}"
+        loaded = self._loaded.get(key)
+        if loaded is not None:  # registered: its disk copy is validated and protected already
+            yield LoadedAdapter(name, version, loaded.lora_id, loaded.path, loaded.metadata, None)
+            return
+        self._held[key] += 1
+        try:
+            try:
+                metadata = await asyncio.wait_for(self.fetcher.metadata(name, version), self.load_timeout_s)
+                folder, _ = await asyncio.wait_for(self.fetcher.fetch(name, version, metadata), self.load_timeout_s)
+            except TimeoutError as exc:
+                raise ServiceUnavailable(f"fetching adapter {key} took longer than {self.load_timeout_s:g} s") from exc
+            yield LoadedAdapter(name, version, 0, folder, metadata, None)
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+
     def loaded(self) -> list[LoadedAdapter]:
         """Loaded adapters, least recently used first."""
         return list(self._loaded.values())
@@ -208,8 +238,9 @@ class AdapterManager:
         self._update_gauges()
 
     def _keys_in_use(self) -> set[str]:
-        """Versions whose disk copy must stay: registered with the engine, or being loaded."""
-        return set(self._loaded) | {k for k in self._flights.in_flight() if not k.startswith("latest:")}
+        """Versions whose disk copy must stay: registered with the engine, being loaded, or being merged."""
+        in_flight = {k for k in self._flights.in_flight() if not k.startswith("latest:")}
+        return set(self._loaded) | in_flight | set(self._held)
 
     def _update_gauges(self) -> None:
         self.metrics.adapters_cached.labels("gpu").set(len(self.gpu))

@@ -27,6 +27,8 @@ from lorafleet_inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
+MERGE_WORKER_EXTENSION = "lorafleet_inference.merge_worker.MergeWorkerExtension"
+
 
 class Engine(Protocol):
     """What the service calls on vLLM's AsyncLLM (a fake implements it in unit tests)."""
@@ -94,6 +96,8 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
         extra["max_num_seqs"] = settings.max_num_seqs
     if settings.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    if settings.merge_enabled:  # adds MergeAdapter's weight methods to vLLM's workers (merge_worker.py)
+        extra["worker_extension_cls"] = MERGE_WORKER_EXTENSION
     specialize = settings.specialize_active_lora if settings.specialize_active_lora is not None else cuda
     if specialize:  # the CPU build's LoRA ops have no such grid: leave vLLM's default there
         extra["specialize_active_lora"] = True

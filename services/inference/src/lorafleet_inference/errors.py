@@ -35,6 +35,11 @@ class CapacityExhausted(InferenceError):
     """No room: every adapter slot is pinned, or similar."""
 
 
+class ServingModeConflict(InferenceError):
+    """The replica's serving mode rules the call out: merged for another adapter, switching, not merge-capable,
+    or its merge is younger than its minimum hold (see merge.py)."""
+
+
 class ServiceUnavailable(InferenceError):
     """Try again later or elsewhere: the store is down, the engine is not ready, the replica is draining."""
 
@@ -47,6 +52,7 @@ _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     InvalidKey: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,  # lorafleet_common.adapters: no such adapter or version
     AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
+    ServingModeConflict: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ServiceUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -59,6 +59,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:  # noqa: N802
         return await _unary(context, lambda: _now(self._ready().stats))
 
+    async def MergeAdapter(  # noqa: N802
+        self, request: pb.MergeAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MergeAdapterResponse:
+        return await _unary(context, lambda: self._ready().merge_adapter(request))
+
 
 async def _now(fn: Callable[[], T]) -> T:
     return fn()

@@ -27,6 +27,7 @@ from lorafleet_common.store import ObjectStore
 from lorafleet_inference.adapters import AdapterManager
 from lorafleet_inference.engine import Engine, start_engine
 from lorafleet_inference.grpc_server import InferenceServicer, build_server, set_serving
+from lorafleet_inference.merge import MergePolicy
 from lorafleet_inference.metrics import InferenceMetrics, serve_metrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.service import InferenceService
@@ -132,6 +133,12 @@ def build_service(
         max_choices=settings.max_choices,
         max_logprobs=settings.max_logprobs,
         metrics=metrics,
+        merge=MergePolicy(
+            enabled=settings.merge_enabled,
+            min_hold_s=settings.merge_min_hold_s,
+            drain_timeout_s=settings.merge_drain_timeout_s,
+            weights_timeout_s=settings.load_timeout_s,
+        ),
     )
 
 

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 TIERS = ("gpu", "cpu", "disk")
+MERGE_RESULTS = ("ok", "rejected", "drain_timeout", "error")
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -104,6 +105,33 @@ class InferenceMetrics:
         self.adapter_disk_cache_bytes = Gauge(
             "lorafleet_adapter_disk_cache_bytes", "Bytes of validated adapter copies on local disk.", registry=r
         )
+        # ----- merged mode (merge.py) -----
+        self.merge_state = Gauge(
+            "lorafleet_merge_state",
+            "Serving mode (MergeState): 0 LoRA, 1 merging, 2 merged (one adapter in the weights), 3 unmerging.",
+            registry=r,
+        )
+        self.merged_adapter = Gauge(
+            "lorafleet_merged_adapter",
+            "1 for the adapter merged into the base weights while the replica is merged; no series otherwise.",
+            ["adapter"],
+            registry=r,
+        )
+        self.merge_switches = Counter(
+            "lorafleet_merge_switches",
+            "MergeAdapter calls that tried to change the weights, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.merge_switch_seconds = Histogram(
+            "lorafleet_merge_switch_seconds",
+            "Successful switches by phase: drain (requests in flight finishing), weights (workers + prefix cache).",
+            ["phase"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        for result in MERGE_RESULTS:
+            self.merge_switches.labels(result)
         for tier in TIERS:  # every series exists from the start: rate() and ratios work before the first event
             self.adapter_cache_hits.labels(tier)
             self.adapter_cache_misses.labels(tier)

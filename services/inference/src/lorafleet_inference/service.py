@@ -13,12 +13,13 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from lorafleet.inference.v1 import inference_pb2 as pb
 from lorafleet_inference.adapters import AdapterManager, LoadedAdapter
 from lorafleet_inference.engine import Engine, token_prompt
 from lorafleet_inference.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, status_label
+from lorafleet_inference.merge import MergeController, MergeEngine, MergePolicy
 from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.sampling import check_request, sampling_params, token_logprobs
@@ -53,6 +54,7 @@ class InferenceService:
         max_choices: int = 16,
         max_logprobs: int = 20,
         metrics: InferenceMetrics | None = None,
+        merge: MergePolicy | None = None,
     ) -> None:
         self.engine = engine
         self.adapters = adapters
@@ -70,6 +72,14 @@ class InferenceService:
         self._engine_ids: set[str] = set()  # engine requests now generating
         self._idle = asyncio.Event()
         self._idle.set()
+        self.merge = MergeController(
+            cast(MergeEngine, engine),
+            adapters,
+            merge or MergePolicy(),
+            wait_idle=self.wait_idle,
+            in_flight=lambda: self._running + self._waiting,
+            metrics=self.metrics,
+        )
 
     # ----- generation -------------------------------------------------------------------------
 
@@ -78,12 +88,18 @@ class InferenceService:
         started = time.monotonic()
         error: BaseException | None = None
         progress = _Progress()
-        self._enter()
+        entered = False
         try:
             if self._draining:
                 raise ServiceUnavailable("this replica is shutting down; retry on another")
             check_request(request, max_choices=self.max_choices, max_logprobs=self.max_logprobs)
-            async with self._adapter(request.adapter) as adapter:
+            # Before counting the request in flight: a switch of mode waits for those, and this may wait for it.
+            merged = await self.merge.admit(request.adapter)
+            self._enter()
+            entered = True
+            if self._draining:  # began while this waited for a switch
+                raise ServiceUnavailable("this replica is shutting down; retry on another")
+            async with self._adapter(request.adapter, merged) as adapter:
                 progress.adapter_name = adapter.name if adapter else None
                 progress.label = self.metrics.adapter_label(progress.adapter_name, requested=bool(request.adapter))
                 prompt_ids = self._prompt_ids(request, adapter)
@@ -98,7 +114,8 @@ class InferenceService:
             error = exc
             raise
         finally:
-            self._leave(progress)
+            if entered:
+                self._leave(progress)
             label = self.metrics.adapter_label(progress.adapter_name, requested=bool(request.adapter))
             status = "cancelled" if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else status_label(error)
             self.metrics.requests.labels(label, status).inc()
@@ -190,9 +207,9 @@ class InferenceService:
             return True
 
     @asynccontextmanager
-    async def _adapter(self, ref: str) -> AsyncIterator[LoadedAdapter | None]:
-        if not ref:
-            yield None
+    async def _adapter(self, ref: str, merged: LoadedAdapter | None) -> AsyncIterator[LoadedAdapter | None]:
+        if merged is not None or not ref:
+            yield merged  # merged mode: the adapter is in the weights (its lora_request is None)
             return
         async with self.adapters.use(ref) as adapter:
             yield adapter
@@ -261,12 +278,17 @@ class InferenceService:
     def list_adapters(self) -> pb.ListAdaptersResponse:
         return pb.ListAdaptersResponse(adapters=[adapter_info(a) for a in self.adapters.loaded()])
 
+    async def merge_adapter(self, request: pb.MergeAdapterRequest) -> pb.MergeAdapterResponse:
+        if self._draining:
+            raise ServiceUnavailable("this replica is shutting down")
+        return await self.merge.switch(request.adapter, force=request.force)
+
     def stats(self) -> pb.StatsResponse:
         # loaded_adapters is the cpu tier (registered with the engine): what the gateway routes on.
         tiers = self.adapters.tiers()
-        return pb.StatsResponse(
+        stats = pb.StatsResponse(
             running=self._running,
-            waiting=self._waiting,
+            waiting=self._waiting + self.merge.held,
             loaded_adapters=[a.key for a in self.adapters.loaded()],
             base_model=self.served_model,
             max_lora_rank=self.max_lora_rank,
@@ -275,6 +297,8 @@ class InferenceService:
             max_loras=self.adapters.gpu.capacity,
             max_cpu_loras=self.adapters.capacity,
         )
+        self.merge.fill_stats(stats)
+        return stats
 
     def begin_drain(self) -> None:
         """Refuse new Generate calls (UNAVAILABLE); running ones go on."""

@@ -92,6 +92,26 @@ class InferenceSettings(CommonSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight streams may run before they are cut."
     )
+    merge_enabled: bool = Field(
+        default=False,
+        description="Let MergeAdapter switch this replica into merged mode: one adapter added into the base "
+        "weights, served without LoRA cost, and nothing else served meanwhile. Costs a host-RAM copy of every "
+        "base linear weight an adapter changes, taken at the first merge and kept (about 13 GB for Qwen2.5-7B "
+        "bf16 with all seven projections). Off: MergeAdapter answers FAILED_PRECONDITION.",
+    )
+    merge_min_hold_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A merge younger than this is not replaced (by another adapter, another version or LoRA "
+        "mode) unless MergeAdapter passes force: keeps a replica from flapping between hot adapters.",
+    )
+    merge_drain_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long a switch into or out of merged mode waits for the requests in flight to finish. "
+        "If some are still running then, the switch is abandoned (UNAVAILABLE) and the replica stays in its "
+        "mode; streams are never cut. Requests the new mode will serve wait for the switch meanwhile.",
+    )
     max_choices: int = Field(default=16, ge=1, description="Largest n (choices per request) accepted.")
     max_logprobs: int = Field(default=20, ge=0, description="Largest number of top log-probabilities per token.")
 
