@@ -52,6 +52,12 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     ``mode``: "ok", one of ABORTS (fail before the first chunk) or "fail_midstream"
     (INTERNAL after two chunks). ``delay_s`` sleeps before each chunk. Like the real
     replica it "loads" every adapter it serves and reports it, with its load, in Stats.
+
+    With ``merge_capable`` it implements MergeAdapter as the real replica does:
+    drain, switch (``merge_delay_s``), then serve the merged adapter only. While
+    switching it holds the requests its new mode will serve until the switch
+    ends; switching or merged, it refuses the others with FAILED_PRECONDITION,
+    and switches of a merge held less than ``min_hold_s`` unless forced.
     """
 
     name: str
@@ -66,16 +72,82 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     running: int = 0
     loaded: set[str] = field(default_factory=set)
     unloaded: list[str] = field(default_factory=list)
+    merge_capable: bool = False
+    merge_state: int = inference_pb2.MERGE_STATE_LORA
+    merged: str = ""  # "name@version" merged (or being merged)
+    merged_at: float = 0.0
+    merge_delay_s: float = 0.0
+    min_hold_s: float = 0.0
+    merge_calls: list[str] = field(default_factory=list)
 
     def reset(self) -> None:
         self.mode, self.delay_s, self.cancelled = "ok", 0.0, 0
+        self.merge_capable, self.merge_delay_s, self.min_hold_s = False, 0.0, 0.0
+        self.merge_now("")
+        self.merge_calls.clear()
         self.requests.clear()
         self.journal.clear()
         self.loaded.clear()
         self.unloaded.clear()
 
     async def Stats(self, request: inference_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return inference_pb2.StatsResponse(running=self.running, loaded_adapters=sorted(self.loaded))
+        merged_for_s = time.monotonic() - self.merged_at if self.merge_state == inference_pb2.MERGE_STATE_MERGED else 0
+        return inference_pb2.StatsResponse(
+            running=self.running,
+            loaded_adapters=sorted(self.loaded),
+            merge_capable=self.merge_capable,
+            merged_adapter=self.merged,
+            merge_state=self.merge_state,
+            merged_for_s=merged_for_s,
+        )
+
+    def merge_now(self, adapter: str) -> None:
+        """Switch mode at once, behind the gateway's back (as another gateway's planner would)."""
+        self.merged, self.merged_at = adapter, time.monotonic()
+        self.merge_state = inference_pb2.MERGE_STATE_MERGED if adapter else inference_pb2.MERGE_STATE_LORA
+
+    async def MergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.merge_calls.append(request.adapter)
+        if not self.merge_capable:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this replica cannot merge adapters")
+        if request.adapter == self.merged and self.merge_state in (
+            inference_pb2.MERGE_STATE_MERGED,
+            inference_pb2.MERGE_STATE_LORA,
+        ):
+            return inference_pb2.MergeAdapterResponse(merged_adapter=self.merged, changed=False)
+        held = time.monotonic() - self.merged_at
+        if self.merge_state == inference_pb2.MERGE_STATE_MERGED and held < self.min_hold_s and not request.force:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"merged {held:.0f}s ago; minimum hold not over")
+        if request.adapter:
+            name, _, version = request.adapter.partition("@")
+            target = f"{name}@{version or 'latest'}"
+            self.merge_state = inference_pb2.MERGE_STATE_MERGING
+        else:
+            target = ""
+            self.merge_state = inference_pb2.MERGE_STATE_UNMERGING
+        self.merged = target
+        started = time.monotonic()
+        while self.running:  # drain
+            await asyncio.sleep(0.01)
+        drained = time.monotonic()
+        await asyncio.sleep(self.merge_delay_s)
+        self.merge_now(target)
+        return inference_pb2.MergeAdapterResponse(
+            merged_adapter=target, changed=True, drain_s=drained - started, merge_s=time.monotonic() - drained
+        )
+
+    def _is_merged(self, adapter: str) -> bool:
+        return bool(adapter) and adapter in (self.merged, self.merged.partition("@")[0])
+
+    async def _refusal(self, adapter: str) -> str | None:
+        """None when the current mode (after waiting out a switch that will serve it) serves ``adapter``."""
+        while self.merge_state in (inference_pb2.MERGE_STATE_MERGING, inference_pb2.MERGE_STATE_UNMERGING):
+            if self.merge_state == inference_pb2.MERGE_STATE_MERGING and not self._is_merged(adapter):
+                return f"replica is switching to merged mode for {self.merged}"
+            await asyncio.sleep(0.01)
+        if self.merge_state == inference_pb2.MERGE_STATE_MERGED and not self._is_merged(adapter):
+            return f"replica is merged for {self.merged}: it serves only that adapter"
+        return None
 
     async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         if self.mode in ABORTS:
@@ -98,6 +170,9 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         self.journal.append(request)
         if self.mode in ABORTS:
             await context.abort(*ABORTS[self.mode])
+        refusal = await self._refusal(request.adapter)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         if request.adapter:
             self.loaded.add(request.adapter)
         sampling = request.sampling

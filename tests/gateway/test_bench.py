@@ -26,3 +26,21 @@ def test_gateway_bench_quick() -> None:
     for row in rows:  # direct tok/s, gw tok/s, ratio, errors, gateway CPU per token
         ratio, errors = float(row[2]), int(row[3])
         assert errors == 0 and 0 < ratio < 2
+
+
+def test_gateway_cpu_bench_runs_with_the_bare_relay() -> None:
+    """bench/gateway_cpu.py (CPU per request and per token, TTFT at one stream) and its floor, bench/bare_relay.py."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gateway_cpu.py"), "--requests", "16", "--rounds", "1", "--single", "2"]
+        + ["--tokens", "8", "--token-delay-ms", "1", "--bare-relay"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in result.stdout.splitlines() if "|" in line}
+    assert set(rows) == {"tree", REPO.name, "bare relay"}  # the header, this checkout, the floor
+    for name, (per_request, per_token, ttft) in ((k, v) for k, v in rows.items() if k != "tree"):
+        assert float(per_request.split()[0]) > 0 and float(per_token.split()[0]) > 0, name
+        assert "ms" in ttft, name

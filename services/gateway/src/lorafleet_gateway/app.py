@@ -35,6 +35,7 @@ from lorafleet_gateway.quotas import RateLimiter
 from lorafleet_gateway.settings import GatewaySettings
 from lorafleet_gateway.tenancy.directory import TenantDirectory
 from lorafleet_gateway.tenancy.router import router as admin_router
+from lorafleet_gateway.upstream.hot_adapters import HotAdapterPlanner, MergePolicy
 from lorafleet_gateway.upstream.inference import InferencePool, InferenceTimeouts, RoutingPolicy
 from lorafleet_gateway.upstream.trainer import TrainerClient
 
@@ -80,6 +81,19 @@ async def metrics(request: Request, _admin: AdminDep) -> Response:
     return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def merge_policy(settings: GatewaySettings) -> MergePolicy:
+    return MergePolicy(
+        interval_s=settings.merge_interval_s,
+        window_s=settings.merge_window_s,
+        merge_share=settings.merge_share,
+        unmerge_share=settings.unmerge_share,
+        min_tokens_per_s=settings.merge_min_tokens_per_s,
+        min_hold_s=settings.merge_min_hold_s,
+        timeout_s=settings.merge_timeout_s,
+        allow_all_replicas=settings.merge_allow_all_replicas,
+    )
+
+
 def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> FastAPI:
     """Build the gateway; gRPC channels open in the lifespan and close on shutdown."""
     deps = deps or GatewayDeps.from_settings(settings)
@@ -112,6 +126,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
                 retry_attempts=settings.retry_attempts,
                 load_factor=settings.affinity_load_factor,
                 min_slack=settings.affinity_min_slack,
+                merged_max_in_flight=settings.merged_max_in_flight,
             ),
             dns_refresh_s=settings.dns_refresh_s,
             eject_after=settings.eject_after_failures,
@@ -123,8 +138,13 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             timeout_s=settings.trainer_timeout_s,
             tls=tls,
         )
+        hot_adapters = (
+            HotAdapterPlanner(pool, merge_policy(settings), gateway_metrics) if settings.merge_enabled else None
+        )
         await pool.start()
         await trainer.start()
+        if hot_adapters is not None:
+            await hot_adapters.start()
         catalog = ModelCatalog(deps.store, settings.base_model, outage_grace_s=settings.store_outage_grace_s)
         files = FileService(deps.store, max_line_bytes=settings.max_file_line_bytes)
         app.state.services = GatewayServices(
@@ -132,7 +152,12 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             trainer=trainer,
             catalog=catalog,
             generation=GenerationService(
-                catalog, pool, gateway_metrics, limiter, max_prompt_chars=settings.max_prompt_chars
+                catalog,
+                pool,
+                gateway_metrics,
+                limiter,
+                max_prompt_chars=settings.max_prompt_chars,
+                on_tokens=hot_adapters.record if hot_adapters is not None else None,
             ),
             files=files,
             fine_tuning=FineTuningService(deps.store, trainer, files, settings.base_model),
@@ -145,6 +170,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
                 gateway_metrics,
                 PlacementTimeouts(load_s=settings.first_token_timeout_s, unload_s=settings.connect_timeout_s),
             ),
+            hot_adapters=hot_adapters,
         )
         logger.info(
             "gateway serving %s; inference %s; trainer %s; gRPC %s",
@@ -156,6 +182,8 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
         try:
             yield
         finally:
+            if hot_adapters is not None:
+                await hot_adapters.close()
             await trainer.close()
             await pool.close()
             engine.dispose()

@@ -18,6 +18,7 @@ from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.models.service import ModelCatalog
 from lorafleet_gateway.settings import GatewaySettings
 from lorafleet_gateway.tenancy.directory import TenantDirectory
+from lorafleet_gateway.upstream.hot_adapters import HotAdapterPlanner
 from lorafleet_gateway.upstream.inference import InferencePool
 from lorafleet_gateway.upstream.trainer import TrainerClient
 
@@ -47,6 +48,7 @@ class GatewayServices:
     metrics: GatewayMetrics
     directory: TenantDirectory
     adapters: AdapterService
+    hot_adapters: HotAdapterPlanner | None = None  # only with LORAFLEET_GATEWAY_MERGE_ENABLED
 
 
 # The dependencies below are async on purpose: FastAPI runs plain `def` dependencies in a worker thread,

@@ -36,19 +36,29 @@ def load_settings() -> GatewaySettings:
         raise SystemExit(2) from None
 
 
-def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level, "gateway")
-    config = uvicorn.Config(
+def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
+    return uvicorn.Config(
         partial(create_app, settings),
         factory=True,
         host=settings.host,
         port=settings.port,
+        # Both are dependencies of this package, named so that a broken install fails here: "auto" would quietly
+        # fall back to asyncio's loop and the pure-Python h11 parser, ~30% more CPU per request and per streamed
+        # event (docs/benchmarks.md).
+        loop="uvloop",
+        http="httptools",
         log_config=None,  # keep the logging configure_logging set up
         log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         proxy_headers=False,
     )
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level, "gateway")
+    config = uvicorn_config(settings)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then run the lifespan exit.
     server = uvicorn.Server(config)
     # Once drained, uvicorn restores the handler it found and raises the signal again, so with the default

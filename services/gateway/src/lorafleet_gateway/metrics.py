@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Children(Generic[M]):
+    """The children of a labelled metric, each looked up once, by its label values in the metric's label order.
+
+    prometheus_client's ``.labels()`` checks and sorts its arguments and takes a
+    lock on every call (about 10 us on the benchmark machine); the request path
+    needs several per request. Only for metrics whose children are never
+    removed (a removed child would live on here). As bounded as the metric:
+    its label values are (see GatewayMetrics).
+    """
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 @dataclass
@@ -89,9 +114,22 @@ class GatewayMetrics:
         )
         self.routing_decisions = Counter(
             "lorafleet_gateway_routing_decisions",
-            "Replica choices by reason: affinity (adapter loaded there), hashed (cold adapter's home replica), "
-            "least_loaded.",
+            "Replica choices by reason: merged (adapter merged into that replica's weights), affinity (adapter "
+            "loaded there), hashed (cold adapter's home replica), least_loaded, switching (no other replica: one "
+            "switching into a mode that serves it).",
             ["reason"],
+            registry=registry,
+        )
+        self.merge_decisions = Counter(
+            "lorafleet_gateway_merge_decisions",
+            "MergeAdapter calls of the hot-adapter planner by action (merge, unmerge) and outcome (ok, unchanged, "
+            "refused, timeout, failed).",
+            ["action", "outcome"],
+            registry=registry,
+        )
+        self.hot_adapter_share = Gauge(
+            "lorafleet_gateway_hot_adapter_share",
+            "Share (0-1) of the tokens served over the hot-adapter planner's window taken by the busiest adapter.",
             registry=registry,
         )
         self.tokens = Counter(
@@ -101,6 +139,28 @@ class GatewayMetrics:
             ["tenant", "model", "kind"],
             registry=registry,
         )
+        # The per-request series, bound once per label values (see Children).
+        self._requests = Children(self.requests)
+        self._request_seconds = Children(self.request_seconds)
+        self._time_to_first_token = Children(self.time_to_first_token)
+        self._routing_decisions = Children(self.routing_decisions)
+        self._tokens = Children(self.tokens)
+
+    def observe_request(
+        self, route: str, tenant: str, model: str, model_kind: str, status: int, seconds: float
+    ) -> None:
+        self._requests(route, tenant, model, model_kind, str(status)).inc()
+        self._request_seconds(route).observe(seconds)
+
+    def observe_first_token(self, model_kind: str, seconds: float) -> None:
+        self._time_to_first_token(model_kind).observe(seconds)
+
+    def count_routing(self, reason: str) -> None:
+        self._routing_decisions(reason).inc()
+
+    def count_tokens(self, tenant: str, model: str, *, prompt: int, completion: int) -> None:
+        self._tokens(tenant, model, "prompt").inc(prompt)
+        self._tokens(tenant, model, "completion").inc(completion)
 
     def traffic(self) -> dict[str, Traffic]:
         """Per-model totals read back from the counters (model label: base model id or adapter store name)."""

@@ -29,12 +29,17 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.file_limit if scope["path"].rstrip("/") == self.upload_path else self.limit
-        too_large = BodyTooLarge(f"Request body is larger than this server's limit of {limit} bytes.")
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await error_response(too_large)(scope, receive, send)
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await error_response(_too_large(limit))(scope, receive, send)
+                return
+            # The server delivers no more than a declared length: nothing to watch, and no wrappers on every
+            # receive and send (each event of a streamed completion is a send).
+            await self.app(scope, receive, send)
             return
 
+        too_large = _too_large(limit)
         received = 0
         exceeded = False
 
@@ -57,6 +62,10 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, guarded_send)
         if exceeded:
             await error_response(too_large)(scope, receive, send)
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"Request body is larger than this server's limit of {limit} bytes.")
 
 
 class MetricsMiddleware:
@@ -93,7 +102,4 @@ class MetricsMiddleware:
             kind = str(state.get("model_kind", "none"))
             model = str(state.get("model_label", "none"))
             tenant = getattr(state.get("principal"), "tenant", "none")
-            self.metrics.requests.labels(
-                route=route, tenant=tenant, model=model, model_kind=kind, status=str(status)
-            ).inc()
-            self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+            self.metrics.observe_request(route, tenant, model, kind, status, time.perf_counter() - started)

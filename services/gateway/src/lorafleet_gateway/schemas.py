@@ -17,6 +17,29 @@ def refuse_lone_surrogates(value: Any) -> Any:
     protobuf, the database and our own JSON responses would all fail on it later, as a 500.
     Iterative, so a body nested as deep as the JSON parser allows cannot overflow the stack.
     """
+    # Every request body passes here: a plain walk first, the walk that names the place only for a bad body.
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += item  # keys too
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str) and not item.isascii() and not _encodable(item):
+            _refuse_with_path(value)
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_with_path(value: Any) -> None:
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         path, item = stack.pop()
@@ -35,7 +58,6 @@ def refuse_lone_surrogates(value: Any) -> Any:
                     f"text{where} holds an unpaired UTF-16 surrogate (\\u{ord(item[exc.start]):04x}), "
                     "which is not valid Unicode"
                 ) from None
-    return value
 
 
 class OpenAIRequest(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from lorafleet_common.grpc_targets import check_targets, split_targets
@@ -84,6 +84,63 @@ class GatewaySettings(CommonSettings):
     affinity_min_slack: int = Field(
         default=2, ge=0, description="Requests above the average a preferred replica may always take."
     )
+    merged_max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        description="Routing: an adapter merged into a replica's weights goes to that replica while it has fewer "
+        "requests than this in flight or queued; beyond it, to the LoRA replicas. About the replica's batch size "
+        "(vLLM max_num_seqs).",
+    )
+    merge_enabled: bool = Field(
+        default=False,
+        description="Run the hot-adapter planner: merge an adapter that takes most of the traffic into one "
+        "merge-capable replica's weights (no LoRA cost there) and unmerge it when it cools. Enable it on one "
+        "gateway of a fleet: each plans from its own traffic. See docs/routing.md.",
+    )
+    merge_interval_s: float = Field(
+        default=10.0, gt=0, description="How often the planner decides; it makes at most one change each time."
+    )
+    merge_window_s: float = Field(
+        default=60.0, gt=0, description="The sliding window over which the planner counts each adapter's tokens."
+    )
+    merge_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="An adapter whose share of all tokens (prompt + completion, base model included) over the "
+        "window reaches this is merged into a replica, if no replica has it merged already.",
+    )
+    unmerge_share: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="A merged adapter whose share stays under this for a whole window is unmerged (its replica "
+        "returns to LoRA mode), and its replica may be reused for a hotter adapter. Below merge_share: the gap is "
+        "the hysteresis.",
+    )
+    merge_min_tokens_per_s: float = Field(
+        default=100.0,
+        ge=0,
+        description="An adapter is merged only if it was also served at least this many tokens per second over "
+        "the window (a large share of little traffic is not worth a replica).",
+    )
+    merge_min_hold_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="The planner does not switch a replica merged less than this long ago; keep it at least the "
+        "replicas' own minimum hold (LORAFLEET_INFERENCE_MERGE_MIN_HOLD_S: they refuse earlier switches).",
+    )
+    merge_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Deadline of one MergeAdapter call: the replica drains its requests in flight, then updates "
+        "its weights.",
+    )
+    merge_allow_all_replicas: bool = Field(
+        default=False,
+        description="Let the planner merge the last replica in LoRA mode too. Then, while every replica is "
+        "merged, the base model and the other adapters get 503: for single-adapter deployments and benchmarks.",
+    )
     store_outage_grace_s: float = Field(
         default=600.0,
         ge=0,
@@ -132,6 +189,12 @@ class GatewaySettings(CommonSettings):
     graceful_shutdown_s: int = Field(
         default=30, ge=0, description="On SIGTERM, how long in-flight requests may finish before they are cut."
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log one line per HTTP request (uvicorn's access log, at INFO). Off by default: it costs a "
+        "formatted line and a write per request, and lorafleet_gateway_requests_total already counts requests "
+        "by route, tenant, model and status.",
+    )
 
     @field_validator("inference_targets", mode="before")
     @classmethod
@@ -142,6 +205,12 @@ class GatewaySettings(CommonSettings):
     @classmethod
     def _check_targets(cls, value: list[str]) -> list[str]:
         return check_targets(value)
+
+    @model_validator(mode="after")
+    def _check_merge_shares(self) -> GatewaySettings:
+        if self.unmerge_share >= self.merge_share:
+            raise ValueError("unmerge_share must be below merge_share (the gap is the hysteresis)")
+        return self
 
     def resolved_database_url(self) -> str:
         """The database URL (it may hold a password: SecretStr keeps it out of reprs and logs)."""

@@ -23,6 +23,11 @@ class Placement(BaseModel):
 
     replica: str
     versions: list[str]
+    merged_version: str | None = Field(
+        default=None,
+        description="The version merged into this replica's base weights (it then serves that version only, "
+        "without LoRA); null in LoRA mode.",
+    )
 
 
 class AdapterTraffic(BaseModel):

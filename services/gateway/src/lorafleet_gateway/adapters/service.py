@@ -36,7 +36,13 @@ from lorafleet_gateway.errors import InvalidRequest, ModelNotFound, ServiceUnava
 from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.models.service import ModelCatalog
 from lorafleet_gateway.upstream.inference import InferencePool
-from lorafleet_gateway.upstream.placement import ReplicaOutcome, load_everywhere, loaded_versions, unload_everywhere
+from lorafleet_gateway.upstream.placement import (
+    ReplicaOutcome,
+    load_everywhere,
+    loaded_versions,
+    merged_versions,
+    unload_everywhere,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +135,13 @@ class AdapterService:
 
     def _live(self, detail: AdapterDetail, name: str, principal: Principal, traffic: AdapterTraffic) -> AdapterDetail:
         """Add what only this process knows: where the replicas have it loaded, and its traffic here."""
+        merged = merged_versions(self._pool, name)
         detail.loaded_on = [
-            Placement(replica=replica_label(target, admin=principal.is_admin), versions=versions)
+            Placement(
+                replica=replica_label(target, admin=principal.is_admin),
+                versions=versions,
+                merged_version=merged.get(target),
+            )
             for target, versions in sorted(loaded_versions(self._pool, name).items())
         ]
         detail.traffic = traffic

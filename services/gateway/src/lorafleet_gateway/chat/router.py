@@ -11,7 +11,7 @@ from lorafleet_gateway.chat.view import ChatView
 from lorafleet_gateway.deps import GenerationDep
 from lorafleet_gateway.generation.aggregate import collect
 from lorafleet_gateway.generation.service import new_request_id, sampling_params
-from lorafleet_gateway.generation.sse import sse_response, unless_disconnected
+from lorafleet_gateway.generation.sse import SSEResponse, unless_disconnected
 from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
 
@@ -39,6 +39,6 @@ async def create_chat_completion(
     view = ChatView(new_request_id("chatcmpl"), body)
     upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=prompt_chars)
     if body.stream:
-        return sse_response(view.chunks(upstream), upstream)
+        return SSEResponse(view, upstream)
     choices, usage = await unless_disconnected(request, collect(upstream, body.n), upstream)
     return JSONResponse(view.completion(choices, usage))

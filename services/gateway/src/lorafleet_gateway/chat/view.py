@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.chat.schemas import ChatCompletionRequest
-from lorafleet_gateway.generation.aggregate import Choice, Usage, UsageTracker, check_index, finish_reason
+from lorafleet_gateway.generation.aggregate import Choice, Usage, check_index, finish_reason
+from lorafleet_gateway.generation.sse import encode_json, encode_string, sse_event
 
 
 def _token(token: str, logprob: float) -> dict[str, Any]:
@@ -30,6 +31,12 @@ class ChatView:
         self.id = completion_id
         self.created = int(time.time())
         self.body = body
+        # Streaming: of each chunk event only the choice changes; the rest is encoded once, here.
+        self._event_head = (
+            f'data: {{"id":{encode_string(completion_id)},"object":"chat.completion.chunk","created":{self.created},'
+            f'"model":{encode_string(body.model)},"system_fingerprint":null,"choices":['
+        )
+        self._event_tail = ('],"usage":null}' if body.include_usage else "]}") + "\n\n"
 
     def completion(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
         return {
@@ -63,23 +70,35 @@ class ChatView:
             chunk["usage"] = usage
         return chunk
 
-    async def chunks(self, upstream: AsyncIterator[inference_pb2.GenerateChunk]) -> AsyncIterator[dict[str, Any]]:
-        """The role chunk of each choice, a chunk per upstream delta, then usage if asked for."""
-        n = self.body.n
-        for index in range(n):
-            role = {"role": "assistant", "content": ""}
-            yield self._chunk([{"index": index, "delta": role, "logprobs": None, "finish_reason": None}])
-        usage = UsageTracker()
-        async for chunk in upstream:
-            usage.add(chunk)
-            if not (chunk.text or chunk.finish_reason or chunk.logprobs):
-                continue
-            choice = {
-                "index": check_index(chunk, n),
-                "delta": {"content": chunk.text} if chunk.text else {},
-                "logprobs": chat_logprobs(chunk.logprobs) if self.body.logprobs else None,
-                "finish_reason": finish_reason(chunk.finish_reason),
-            }
-            yield self._chunk([choice])
-        if self.body.include_usage:
-            yield self._chunk([], usage=usage.usage.as_dict())
+    # Streaming: generation/sse.py's EventRenderer. Each event is byte for byte the encoding of _chunk([choice]).
+
+    def opening(self) -> bytes:
+        """The role chunk of each choice."""
+        role = '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
+        return "".join(f'{self._event_head}{{"index":{i},{role}{self._event_tail}' for i in range(self.body.n)).encode()
+
+    def render(self, chunk: inference_pb2.GenerateChunk) -> bytes:
+        """A chunk per upstream delta (nothing for a chunk with no text, finish reason or logprobs)."""
+        text, raw_finish = chunk.text, chunk.finish_reason
+        if not (text or raw_finish or chunk.logprobs):
+            return b""
+        index = check_index(chunk, self.body.n)
+        if self.body.logprobs:
+            choice = encode_json(
+                {
+                    "index": index,
+                    "delta": {"content": text} if text else {},
+                    "logprobs": chat_logprobs(chunk.logprobs),
+                    "finish_reason": finish_reason(raw_finish),
+                }
+            )
+        else:
+            delta = f'{{"content":{encode_string(text)}}}' if text else "{}"
+            finish = finish_reason(raw_finish)
+            finish_json = "null" if finish is None else encode_string(finish)
+            choice = f'{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{finish_json}}}'
+        return f"{self._event_head}{choice}{self._event_tail}".encode()
+
+    def closing(self, usage: Usage) -> bytes:
+        """The usage chunk, if the request asked for it."""
+        return sse_event(self._chunk([], usage=usage.as_dict())) if self.body.include_usage else b""

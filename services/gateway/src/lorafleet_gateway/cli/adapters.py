@@ -15,7 +15,12 @@ ADAPTERS = "/v1/lorafleet/adapters"
 
 def placement(adapter: dict[str, Any]) -> str:
     places = adapter.get("loaded_on") or []
-    return ", ".join(f"{p['replica']} ({','.join(p['versions'])})" for p in places) or "not loaded"
+    return ", ".join(_place(p) for p in places) or "not loaded"
+
+
+def _place(place: dict[str, Any]) -> str:
+    merged = f"; merged {place['merged_version']}" if place.get("merged_version") else ""
+    return f"{place['replica']} ({','.join(place['versions'])}{merged})"
 
 
 def tokens(traffic: dict[str, Any]) -> str:

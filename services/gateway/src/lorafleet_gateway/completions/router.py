@@ -11,7 +11,7 @@ from lorafleet_gateway.completions.view import CompletionView
 from lorafleet_gateway.deps import GenerationDep
 from lorafleet_gateway.generation.aggregate import collect
 from lorafleet_gateway.generation.service import new_request_id, sampling_params
-from lorafleet_gateway.generation.sse import sse_response, unless_disconnected
+from lorafleet_gateway.generation.sse import SSEResponse, unless_disconnected
 from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
 
@@ -35,6 +35,6 @@ async def create_completion(
     view = CompletionView(new_request_id("cmpl"), body)
     upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=len(body.prompt))
     if body.stream:
-        return sse_response(view.chunks(upstream), upstream)
+        return SSEResponse(view, upstream)
     choices, usage = await unless_disconnected(request, collect(upstream, body.n), upstream)
     return JSONResponse(view.completion(choices, usage))

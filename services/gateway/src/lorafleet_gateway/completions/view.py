@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.completions.schemas import CompletionRequest
-from lorafleet_gateway.generation.aggregate import Choice, Usage, UsageTracker, check_index, finish_reason
+from lorafleet_gateway.generation.aggregate import Choice, Usage, check_index, finish_reason
+from lorafleet_gateway.generation.sse import encode_json, encode_string, sse_event
 
 
 def completion_logprobs(items: Iterable[inference_pb2.TokenLogprob], start_offset: int = 0) -> dict[str, Any]:
@@ -34,6 +35,13 @@ class CompletionView:
         self.id = completion_id
         self.created = int(time.time())
         self.body = body
+        # Streaming: of each chunk event only the choice changes; the rest is encoded once, here.
+        self._event_head = (
+            f'data: {{"id":{encode_string(completion_id)},"object":"text_completion","created":{self.created},'
+            f'"model":{encode_string(body.model)},"system_fingerprint":null,"choices":['
+        )
+        self._event_tail = ('],"usage":null}' if body.include_usage else "]}") + "\n\n"
+        self._offsets = [0] * body.n  # per choice: characters streamed so far, for logprobs' text_offset
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -57,29 +65,30 @@ class CompletionView:
         ]
         return {**self._envelope(rendered), "usage": usage.as_dict()}
 
-    async def chunks(self, upstream: AsyncIterator[inference_pb2.GenerateChunk]) -> AsyncIterator[dict[str, Any]]:
-        """A chunk per upstream delta, then usage if asked for."""
-        include_usage = self.body.include_usage
-        offsets = [0] * self.body.n
-        usage = UsageTracker()
-        async for chunk in upstream:
-            usage.add(chunk)
-            if not (chunk.text or chunk.finish_reason or chunk.logprobs):
-                continue
-            index = check_index(chunk, self.body.n)
-            logprobs = None
-            if self.body.logprobs is not None:
-                logprobs = completion_logprobs(chunk.logprobs, offsets[index])
-            offsets[index] += len(chunk.text)
-            choice = {
-                "index": index,
-                "text": chunk.text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason(chunk.finish_reason),
-            }
-            event = self._envelope([choice])
-            if include_usage:
-                event["usage"] = None
-            yield event
-        if include_usage:
-            yield {**self._envelope([]), "usage": usage.usage.as_dict()}
+    # Streaming: generation/sse.py's EventRenderer. Each event is byte for byte the encoding of
+    # _envelope([choice]), plus "usage": null when usage was asked for.
+
+    def opening(self) -> bytes:
+        return b""
+
+    def render(self, chunk: inference_pb2.GenerateChunk) -> bytes:
+        """A chunk per upstream delta (nothing for a chunk with no text, finish reason or logprobs)."""
+        text, raw_finish = chunk.text, chunk.finish_reason
+        if not (text or raw_finish or chunk.logprobs):
+            return b""
+        index = check_index(chunk, self.body.n)
+        if self.body.logprobs is not None:
+            logprobs = completion_logprobs(chunk.logprobs, self._offsets[index])
+            self._offsets[index] += len(text)
+            choice = encode_json(
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(raw_finish)}
+            )
+        else:
+            finish = finish_reason(raw_finish)
+            finish_json = "null" if finish is None else encode_string(finish)
+            choice = f'{{"index":{index},"text":{encode_string(text)},"logprobs":null,"finish_reason":{finish_json}}}'
+        return f"{self._event_head}{choice}{self._event_tail}".encode()
+
+    def closing(self, usage: Usage) -> bytes:
+        """The usage chunk, if the request asked for it."""
+        return sse_event({**self._envelope([]), "usage": usage.as_dict()}) if self.body.include_usage else b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.auth import Principal
@@ -14,6 +15,9 @@ from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.models.service import ModelCatalog, ResolvedModel
 from lorafleet_gateway.quotas import RateLimiter, estimate_tokens
 from lorafleet_gateway.upstream.inference import GenerationStream, InferencePool
+
+# Told the tokens of each finished generation: (upstream adapter "name@version" or "" for the base model, tokens).
+TokenObserver = Callable[[str, int], None]
 
 
 def sampling_params(body: GenerationRequest, *, logprobs: int | None) -> inference_pb2.SamplingParams:
@@ -52,8 +56,10 @@ class GenerationService:
         limiter: RateLimiter,
         *,
         max_prompt_chars: int,
+        on_tokens: TokenObserver | None = None,
     ) -> None:
         self._catalog = catalog
+        self._on_tokens = on_tokens
         self._pool = pool
         self._metrics = metrics
         self._limiter = limiter
@@ -92,8 +98,9 @@ class GenerationService:
             spent = exact.prompt_tokens - estimate + exact.completion_tokens if exact else usage.counted
             self._limiter.charge_tokens(principal, spent)
             prompt, completion = (exact.prompt_tokens, exact.completion_tokens) if exact else (estimate, usage.counted)
-            self._metrics.tokens.labels(tenant=principal.tenant, model=resolved.name, kind="prompt").inc(prompt)
-            self._metrics.tokens.labels(tenant=principal.tenant, model=resolved.name, kind="completion").inc(completion)
+            self._metrics.count_tokens(principal.tenant, resolved.name, prompt=prompt, completion=completion)
+            if self._on_tokens is not None:
+                self._on_tokens(resolved.adapter, prompt + completion)
 
         request.adapter = resolved.adapter
         started = time.perf_counter()
@@ -102,5 +109,5 @@ class GenerationService:
         except BaseException:  # failed or cancelled before the first token: nothing was generated
             self._limiter.charge_tokens(principal, -estimate)
             raise
-        self._metrics.time_to_first_token.labels(model_kind=resolved.kind).observe(time.perf_counter() - started)
+        self._metrics.observe_first_token(resolved.kind, time.perf_counter() - started)
         return stream

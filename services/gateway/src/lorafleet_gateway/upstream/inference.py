@@ -1,4 +1,13 @@
-"""Generate calls to the inference replicas: route, wait for the first chunk, retry elsewhere before it."""
+"""Generate calls to the inference replicas: route, wait for the first chunk, retry elsewhere before it.
+
+A replica may switch merge mode between two Stats polls (hot_adapters.py
+switches them); it then refuses what its new mode cannot serve with
+FAILED_PRECONDITION. FAILED_PRECONDITION is also a genuine answer (an adapter
+whose rank the replica does not accept), so the pool asks that replica's
+Stats again: if its mode changed or no longer serves the request, the refusal
+was the switch, and the request is retried once more on another replica
+(before any token, so nothing is lost); otherwise the refusal stands.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +66,7 @@ class RoutingPolicy:
     retry_attempts: int = 2
     load_factor: float = 1.25
     min_slack: int = 2
+    merged_max_in_flight: int = 64
 
 
 class GenerationStream:
@@ -212,11 +222,12 @@ class InferencePool:
             load_factor=self.policy.load_factor,
             min_slack=self.policy.min_slack,
             turn=next(self._turn),
+            merged_max_in_flight=self.policy.merged_max_in_flight,
         )
         if choice is None:
             return None
         view, reason = choice
-        self.metrics.routing_decisions.labels(reason=reason).inc()
+        self.metrics.count_routing(reason)
         return candidates[view.target]
 
     def upstream_error(self, replica: Replica, exc: grpc.aio.AioRpcError) -> GatewayError:
@@ -233,19 +244,24 @@ class InferencePool:
         """Start Generate on the routed replica and wait for its first chunk.
 
         A failure in RETRYABLE before anything arrived is retried on another
-        replica, up to policy.retry_attempts times; any other failure is final.
-        Errors before the first chunk therefore reach the client as an HTTP status.
+        replica, up to policy.retry_attempts times, and a refusal by a replica
+        that switched merge mode once more (see the module docstring); any
+        other failure is final. Errors before the first chunk therefore reach
+        the client as an HTTP status.
         """
         tried: set[str] = set()
-        last_error: GatewayError = ServiceUnavailable("no healthy inference replica")
+        last_error: GatewayError = self._no_replica(request.adapter)
         failed: Replica | None = None
-        for _attempt in range(1 + self.policy.retry_attempts):
+        attempts_left, switch_retry_left = 1 + self.policy.retry_attempts, 1
+        while attempts_left > 0:
             replica = self.pick(request.adapter, tried)
             if replica is None:
                 break
             if failed is not None:
                 self.metrics.upstream_retries.labels(replica=failed.target).inc()
             tried.add(replica.target)
+            attempts_left -= 1
+            mode_before = replica.mode, replica.merged_adapter
             self.replica_set.acquire(replica)
             call = replica.stub.Generate(request, timeout=self.timeouts.request_s)
             try:
@@ -259,6 +275,15 @@ class InferencePool:
                 ) from exc
             except grpc.aio.AioRpcError as exc:
                 self._abandon(replica, call)
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and await self._switched(
+                    replica, request.adapter, mode_before
+                ):
+                    logger.info("inference replica %s switched merge mode; request goes elsewhere", replica.target)
+                    last_error = self._no_replica(request.adapter)
+                    if switch_retry_left == 0:
+                        raise last_error from exc
+                    switch_retry_left, attempts_left, failed = 0, attempts_left + 1, replica
+                    continue
                 error = self.upstream_error(replica, exc)
                 if exc.code() not in RETRYABLE:
                     raise error from exc
@@ -272,6 +297,20 @@ class InferencePool:
                 raise UpstreamFailed(f"inference replica {replica.target} ended the stream without output")
             return GenerationStream(call, first, replica, self, on_finish)
         raise last_error
+
+    async def _switched(self, replica: Replica, adapter: str, mode_before: tuple[str, str]) -> bool:
+        """Whether ``replica`` refused because it changed merge mode since it was picked (asks its Stats now)."""
+        await self.replica_set.refresh(replica)
+        return (replica.mode, replica.merged_adapter) != mode_before or not replica.view().serves(adapter)
+
+    def _no_replica(self, adapter: str) -> ServiceUnavailable:
+        if not self.replicas:
+            return ServiceUnavailable("no healthy inference replica")
+        what = f"adapter {adapter}" if adapter else "the base model"
+        return ServiceUnavailable(
+            f"no inference replica can serve {what} now: replicas merged with another adapter, or switching "
+            "merge mode, take nothing else"
+        )
 
     def _abandon(self, replica: Replica, call: Any) -> None:
         call.cancel()

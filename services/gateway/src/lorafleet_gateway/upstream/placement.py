@@ -18,6 +18,7 @@ from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.errors import GatewayError, ModelNotFound, from_grpc
 from lorafleet_gateway.upstream.inference import InferencePool
 from lorafleet_gateway.upstream.replicas import Replica
+from lorafleet_gateway.upstream.routing import same_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ class ReplicaOutcome:
     loaded: bool | None
     version: str | None = None
     error: GatewayError | None = None
-
-
-def _same_adapter(loaded: str, adapter: str) -> bool:
-    """Whether a replica's "name@version" entry is ``adapter`` ("name": any version; "name@version": that one)."""
-    return loaded == adapter or ("@" not in adapter and loaded.partition("@")[0] == adapter)
 
 
 async def load_everywhere(pool: InferencePool, adapter: str, *, pin: bool, timeout_s: float) -> list[ReplicaOutcome]:
@@ -66,17 +62,29 @@ async def unload_everywhere(pool: InferencePool, adapter: str, *, timeout_s: flo
             logger.info("could not unload %s from %s: %s", adapter, replica.target, exc.code().name)
             error = from_grpc(exc, upstream=f"inference replica {replica.target}", not_found=ModelNotFound)
             return ReplicaOutcome(replica.target, None, error=error)
-        replica.adapters = frozenset(a for a in replica.adapters if not _same_adapter(a, adapter))
+        replica.adapters = frozenset(a for a in replica.adapters if not same_adapter(a, adapter))
         return ReplicaOutcome(replica.target, False)
 
     return list(await asyncio.gather(*(unload(r) for r in pool.replicas)))
 
 
 def loaded_versions(pool: InferencePool, name: str) -> dict[str, list[str]]:
-    """Replica target -> versions of the adapter stored as ``name`` it has loaded (as of its last Stats poll)."""
+    """Replica target -> versions of the adapter stored as ``name`` it has loaded or merged (as of its last Stats
+    poll)."""
     placement: dict[str, list[str]] = {}
     for replica in pool.replicas:
-        versions = sorted(v for n, _, v in (a.partition("@") for a in replica.adapters) if n == name)
+        entries = {*replica.adapters, replica.merged_adapter} if replica.mode == "merged" else replica.adapters
+        versions = sorted(v for n, _, v in (a.partition("@") for a in entries) if n == name)
         if versions:
             placement[replica.target] = versions
     return placement
+
+
+def merged_versions(pool: InferencePool, name: str) -> dict[str, str]:
+    """Replica target -> the version of the adapter stored as ``name`` merged into its weights (MERGED mode only)."""
+    merged: dict[str, str] = {}
+    for replica in pool.replicas:
+        merged_name, _, version = replica.merged_adapter.partition("@")
+        if replica.mode == "merged" and merged_name == name:
+            merged[replica.target] = version
+    return merged

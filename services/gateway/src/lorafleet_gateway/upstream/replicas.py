@@ -6,10 +6,11 @@ Service lists one address per ready pod). A failed or empty resolution keeps
 the previous answer, so a DNS hiccup does not empty the pool.
 
 Every ``health_interval_s`` each replica is asked for grpc.health.v1 and its
-Stats. A replica is ejected (skipped by routing) after ``eject_after``
-consecutive failures (health checks that fail, or calls that find it
-UNAVAILABLE), or at once when its health says NOT_SERVING (it is draining),
-and re-admitted as soon as a check answers SERVING.
+Stats (load, loaded adapters, merge mode). A replica is ejected (skipped by
+routing) after ``eject_after`` consecutive failures (health checks that fail,
+or calls that find it UNAVAILABLE), or at once when its health says
+NOT_SERVING (it is draining), and re-admitted as soon as a check answers
+SERVING.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +32,18 @@ from lorafleet_common.grpc_targets import DNS_SCHEME
 from lorafleet_common.grpc_tls import GrpcTls
 from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.upstream.channels import open_channel
-from lorafleet_gateway.upstream.routing import ReplicaLoad
+from lorafleet_gateway.upstream.routing import Mode, ReplicaLoad
 
 logger = logging.getLogger(__name__)
 
 Resolver = Callable[[str, int], list[str]]
+
+_MODES: dict[int, Mode] = {
+    inference_pb2.MERGE_STATE_LORA: "lora",
+    inference_pb2.MERGE_STATE_MERGED: "merged",
+    inference_pb2.MERGE_STATE_MERGING: "switching",
+    inference_pb2.MERGE_STATE_UNMERGING: "switching",
+}
 
 
 def resolve_dns(host: str, port: int) -> list[str]:
@@ -62,6 +71,16 @@ class Replica:
     waiting: int = 0
     in_flight_at_stats: int = 0
     adapters: frozenset[str] = frozenset()
+    # Merge mode, from the last Stats (or set at once by the hot-adapter planner's own MergeAdapter calls).
+    merge_capable: bool = False
+    merge_state: int = inference_pb2.MERGE_STATE_LORA
+    merged_adapter: str = ""  # "name@version"; while switching, the target ("" when unmerging)
+    merged_for_s: float = 0.0
+    stats_at: float = 0.0  # time.monotonic() of that Stats answer
+
+    @property
+    def mode(self) -> Mode:
+        return _MODES.get(self.merge_state, "switching")  # a state newer than this gateway: send it nothing
 
     @property
     def load(self) -> int:
@@ -71,7 +90,7 @@ class Replica:
         return self.in_flight + others
 
     def view(self) -> ReplicaLoad:
-        return ReplicaLoad(self.target, self.load, self.adapters)
+        return ReplicaLoad(self.target, self.load, self.adapters, self.mode, self.merged_adapter)
 
 
 class ReplicaSet:
@@ -199,6 +218,10 @@ class ReplicaSet:
         await asyncio.gather(*(self._poll(r) for r in replicas))
         return {r.target: bool(r.serving) for r in replicas}
 
+    async def refresh(self, replica: Replica) -> None:
+        """Poll one replica's health and Stats now (after it answered in a way its last Stats did not predict)."""
+        await self._poll(replica)
+
     async def _poll(self, replica: Replica) -> None:
         health: Any
         stats: Any
@@ -211,7 +234,10 @@ class ReplicaSet:
             replica.running, replica.waiting = stats.running, stats.waiting
             replica.in_flight_at_stats = replica.in_flight
             replica.adapters = frozenset(stats.loaded_adapters)
+            replica.merge_capable = stats.merge_capable
+            self.set_merge_state(replica, stats.merge_state, stats.merged_adapter, stats.merged_for_s)
         else:  # an older replica without Stats, or a failing one: route on our own counts
+            # (its merge mode is kept: a mode does not change by itself, and guessing LoRA would misroute)
             replica.running = replica.waiting = replica.in_flight_at_stats = 0
             replica.adapters = frozenset()
         if isinstance(health, BaseException):
@@ -244,6 +270,13 @@ class ReplicaSet:
         self._metrics.replica_up.labels(replica=replica.target).set(0)
         self._metrics.replica_ejections.labels(replica=replica.target).inc()
         logger.warning("inference replica %s ejected: %s", replica.target, why)
+
+    # -- merge mode -------------------------------------------------------------------------------
+
+    def set_merge_state(self, replica: Replica, state: int, merged_adapter: str, merged_for_s: float = 0.0) -> None:
+        """Record a replica's merge mode: from its Stats, or from a MergeAdapter call (known before the next poll)."""
+        replica.merge_state, replica.merged_adapter = state, merged_adapter
+        replica.merged_for_s, replica.stats_at = merged_for_s, time.monotonic()
 
     # -- load -------------------------------------------------------------------------------------
 

@@ -387,7 +387,7 @@
     return el(
       "td",
       {},
-      el("ul", { class: "placements" }, ...adapter.loaded_on.map((p) => el("li", {}, `${p.replica} (${p.versions.join(", ")})`))),
+      el("ul", { class: "placements" }, ...adapter.loaded_on.map((p) => el("li", {}, `${p.replica} (${p.versions.join(", ")}${p.merged_version ? `; merged ${p.merged_version}` : ""})`))),
     );
   }
 
