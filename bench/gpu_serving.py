@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serving import report
+from serving import merged, report
 from serving.adapters import AdapterSpec, AdapterWriter
 from serving.load import LoadPool
 from serving.model import SHAPES, PromptMaker, write_model_dir
@@ -192,7 +192,7 @@ def run_services(run: Run) -> None:
     run.prepare_prompts(model_dir)
     mix, cold8, cold16 = adapter_specs(args)
     settings = service_settings(args, work, model_dir, dummy, len(mix) + 2 * len(cold8))
-    env = settings_env(settings)
+    env = settings_env(settings) | (merged.REPLICA_ENV if "merged" in args.stages else {})
     run.results |= {"versions": versions(), "hardware": hardware(), "settings": env}
     inference, grpc_port, metrics_port = start_inference(logs, env)
     started = time.monotonic()
@@ -200,23 +200,23 @@ def run_services(run: Run) -> None:
     gateways, urls = [], []
     pool = LoadPool(args.workers)
     try:
+
+        def gateway_env(i: int) -> dict[str, str]:
+            return {
+                "LORAFLEET_HOME": str(work / f"gateway-{i}"),
+                "LORAFLEET_STORE_URL": env["LORAFLEET_STORE_URL"],
+                "LORAFLEET_BASE_MODEL": settings.base_model,
+                "LORAFLEET_ADMIN_KEY": admin_key,
+                "LORAFLEET_LOG_LEVEL": "WARNING",
+                "LORAFLEET_GATEWAY_DATABASE_URL": f"sqlite:///{work / 'gateway.db'}",
+                "LORAFLEET_GATEWAY_INFERENCE_TARGETS": f"127.0.0.1:{grpc_port}",
+                "LORAFLEET_GATEWAY_TRAINER_TARGET": "127.0.0.1:9",
+                "LORAFLEET_GATEWAY_FIRST_TOKEN_TIMEOUT_S": "600",
+                "LORAFLEET_GATEWAY_REQUEST_TIMEOUT_S": "900",
+            }
+
         for i in range(args.gateways):  # before the engine is up: they wait for a healthy replica themselves
-            gw, url = start_gateway(
-                logs,
-                i,
-                {
-                    "LORAFLEET_HOME": str(work / f"gateway-{i}"),
-                    "LORAFLEET_STORE_URL": env["LORAFLEET_STORE_URL"],
-                    "LORAFLEET_BASE_MODEL": settings.base_model,
-                    "LORAFLEET_ADMIN_KEY": admin_key,
-                    "LORAFLEET_LOG_LEVEL": "WARNING",
-                    "LORAFLEET_GATEWAY_DATABASE_URL": f"sqlite:///{work / 'gateway.db'}",
-                    "LORAFLEET_GATEWAY_INFERENCE_TARGETS": f"127.0.0.1:{grpc_port}",
-                    "LORAFLEET_GATEWAY_TRAINER_TARGET": "127.0.0.1:9",
-                    "LORAFLEET_GATEWAY_FIRST_TOKEN_TIMEOUT_S": "600",
-                    "LORAFLEET_GATEWAY_REQUEST_TIMEOUT_S": "900",
-                },
-            )
+            gw, url = start_gateway(logs, i, gateway_env(i))
             gateways.append(gw)
             urls.append(url)
             if i == 0:  # the first one migrates the shared database; the others start on a migrated one
@@ -258,6 +258,19 @@ def run_services(run: Run) -> None:
                 run.save()
         if "loads" in args.stages and run.budget_left("adapter loads", 30):
             run.results["adapter_loads"] = bench.adapter_loads(mix, cold8, cold16, metrics_url)
+            run.save()
+        if "merged" in args.stages and run.budget_left("merged", 90):
+            run.results["merged"] = {"explicit": merged.explicit(bench, mix[0].name, metrics_url, urls[0] + "/metrics")}
+            run.save()
+            # Only now a gateway with the hot-adapter planner: it plans from its own traffic, and during the explicit
+            # passes (sent through the others) it would have seen the merged adapter cold and unmerged it.
+            gw, planner_url = start_gateway(
+                logs, args.gateways, merged.PLANNER_GATEWAY_ENV | gateway_env(args.gateways)
+            )
+            gateways.append(gw)
+            wait_ready(gw, planner_url, 120)
+            run.results["merged"]["automatic"] = merged.automatic(bench, mix[0].name, planner_url)
+            run.results["merged"]["back_to_lora"] = merged.switch(bench.direct, "")
             run.save()
         for count in (c for c in args.mixes if c > args.max_loras):
             throughput(f"{count} adapters, {args.max_loras} slots", [s.name for s in mix[:count]], 100)
@@ -364,7 +377,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-timeout-s", type=float, default=600)
     p.add_argument("--deadline-s", type=float, default=0, help="skip stages that would end after this (0: none)")
     p.add_argument(
-        "--stages", type=lambda s: s.split(","), default=["throughput", "latency", "loads"], help="what to measure"
+        "--stages",
+        type=lambda s: s.split(","),
+        default=["throughput", "latency", "loads", "merged"],
+        help="what to measure: throughput, latency, loads, merged",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny counts (CPU, embedded model)")
     args = p.parse_args(argv)

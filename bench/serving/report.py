@@ -85,6 +85,7 @@ def text(results: dict[str, Any]) -> str:
         for key, row in loads.items():
             if isinstance(row, dict) and "p50_ms" in row:
                 lines.append(f"{key:<34} p50 {row['p50_ms']:8.1f}  p95 {row['p95_ms']:8.1f}  n {row['n']}")
+    lines += merged_lines(results.get("merged", {}), tp)
     checks = {case: row["gateway"]["check"] for case, row in tp.items() if "check" in row.get("gateway", {})}
     if checks:
         lines.append("")
@@ -97,3 +98,34 @@ def text(results: dict[str, Any]) -> str:
                 + (f"{diff:.2%} over {c['gpu_memory_samples']} samples" if diff is not None else "n/a (no GPU)")
             )
     return "\n".join(lines)
+
+
+def merged_lines(merged: dict[str, Any], tp: dict[str, Any]) -> list[str]:
+    """(f): the merged adapter's passes next to the base model and the same adapter through LoRA."""
+    if not merged:
+        return []
+    lines = ["", "(f) one adapter merged into the replica's weights (no LoRA), out tok/s and / the base model's"]
+    explicit = merged.get("explicit")
+    if explicit:
+        for label in ("merge", "unmerge"):
+            sw = explicit[label]
+            lines.append(
+                f"{label:<8} {sw['wall_s']:.2f} s (drain {sw['drain_s']:.2f} s, weights {sw['merge_s']:.2f} s)"
+            )
+        for path in ("gateway", "direct"):
+            got = explicit["throughput"][path]["out_tok_s"]
+            base = tp.get("base", {}).get(path, {}).get("out_tok_s")
+            lora = tp.get("1 adapter", {}).get(path, {}).get("out_tok_s")
+            vs = f"  base {base:.0f} ({got / base:.2f})" if base else ""
+            vs += f"  LoRA {lora:.0f} ({lora / base:.2f})" if lora and base else ""
+            lines.append(f"merged   {path:<8} {got:>8.0f}{vs}  errors {explicit['throughput'][path]['errors']}")
+    auto = merged.get("automatic")
+    if auto:
+        after = auto["merged_after_s"]
+        passes = ", ".join(f"{p['out_tok_s']:.0f} ({p['errors']} err)" for p in auto["passes"])
+        lines.append(
+            "planner  "
+            + (f"merged {after:.1f} s after the first request" if after is not None else "did not merge")
+            + f"; passes through it: {passes} tok/s"
+        )
+    return lines

@@ -53,6 +53,16 @@ def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
         assert loads[key]["n"] == 1 and loads[key]["p50_ms"] > 0
     assert loads["warm swap rank 8 (cpu -> gpu slot)"]["n"] + loads["warm swap rank 16 (cpu -> gpu slot)"]["n"] == 3
     assert loads["swap_gpu_misses_reported"] == loads["swap_requests"]  # every warm-swap request missed its slot
+    merged = data["merged"]  # one adapter merged into the replica's weights: by RPC, then by the gateway's planner
+    assert merged["explicit"]["merge"]["changed"] and merged["explicit"]["merge"]["merged_adapter"].startswith(
+        "bench/m0@"
+    )
+    for path in ("gateway", "direct"):
+        level = merged["explicit"]["throughput"][path]
+        assert level["errors"] == 0 and level["tokens_per_request_min"] == QUICK_OUTPUT_TOKENS
+    assert merged["explicit"]["unmerge"]["changed"] and merged["explicit"]["unmerge"]["merged_adapter"] == ""
+    assert merged["automatic"]["merged"], merged["automatic"]
+    assert all(p["errors"] == 0 for p in merged["automatic"]["passes"])
     assert data["versions"]["vllm"]
 
 
