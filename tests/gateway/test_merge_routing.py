@@ -4,6 +4,7 @@ FAILED_PRECONDITION from a switched replica is retried elsewhere before the firs
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -136,3 +137,19 @@ def test_when_every_replica_switched_the_answer_is_503(pair: list[FakeInference]
     assert raised.value.status_code == 503
     assert "switching merge mode" in str(raised.value)
     assert [len(f.requests) for f in pair] == [1, 1]  # each tried once, then nothing left to try
+
+
+def test_replicas_back_in_lora_mode_serve_again_before_the_next_poll(
+    pair: list[FakeInference], blind_gateway: Gateway, gw: Stack, tmp_path: Path
+) -> None:
+    publish_test_adapter(gw.store, tmp_path / "other", "default/other", "v1")
+    client = blind_gateway.client()
+    for fake in pair:  # both merged behind the gateway's back: it learns so from their refusals
+        fake.merge_now("default/other@v1")
+    with pytest.raises(openai.InternalServerError):
+        chat(client, BASE_MODEL, stream=False)
+    for fake in pair:  # and back to LoRA mode (another gateway's planner, or an operator): no poll for a minute
+        fake.merge_now("")
+    time.sleep(0.6)  # older than STALE_MODE_S: the gateway asks their Stats instead of answering 503
+    assert chat(client, BASE_MODEL, stream=True) == "Hello from base choice0. Bye!"
+    assert sum(len(f.requests) for f in pair) == 3

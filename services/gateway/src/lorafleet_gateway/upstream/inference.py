@@ -39,6 +39,8 @@ from lorafleet_gateway.upstream.routing import choose
 
 logger = logging.getLogger(__name__)
 
+STALE_MODE_S = 0.5  # see InferencePool._refresh_modes
+
 # Failures before the first chunk that another replica may not share: retried there.
 RETRYABLE = frozenset(
     {
@@ -255,6 +257,8 @@ class InferencePool:
         attempts_left, switch_retry_left = 1 + self.policy.retry_attempts, 1
         while attempts_left > 0:
             replica = self.pick(request.adapter, tried)
+            if replica is None and not tried and await self._refresh_modes():
+                replica = self.pick(request.adapter, tried)
             if replica is None:
                 break
             if failed is not None:
@@ -297,6 +301,19 @@ class InferencePool:
                 raise UpstreamFailed(f"inference replica {replica.target} ended the stream without output")
             return GenerationStream(call, first, replica, self, on_finish)
         raise last_error
+
+    async def _refresh_modes(self) -> bool:
+        """Ask Stats now of the replicas whose merge mode kept them out of a choice, if their last answer is older
+        than STALE_MODE_S; whether any was asked. A replica that just returned to LoRA mode (its planner is in
+        another gateway, or an operator called MergeAdapter) serves everything again: a 503 until the next poll
+        would lose requests for nothing. The age bound keeps a fleet that is merged on purpose from being asked
+        once per refused request."""
+        now = time.monotonic()
+        stale = [r for r in self.replica_set.candidates(set()) if r.mode != "lora" and now - r.stats_at > STALE_MODE_S]
+        if not stale:
+            return False
+        await asyncio.gather(*(self.replica_set.refresh(r) for r in stale))
+        return True
 
     async def _switched(self, replica: Replica, adapter: str, mode_before: tuple[str, str]) -> bool:
         """Whether ``replica`` refused because it changed merge mode since it was picked (asks its Stats now)."""
