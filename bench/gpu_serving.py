@@ -270,6 +270,7 @@ def run_services(run: Run) -> None:
             gateways.append(gw)
             wait_ready(gw, planner_url, 120)
             run.results["merged"]["automatic"] = merged.automatic(bench, mix[0].name, planner_url)
+            gw.stop()  # else its planner, still seeing only this adapter in its window, merges it again
             run.results["merged"]["back_to_lora"] = merged.switch(bench.direct, "")
             run.save()
         for count in (c for c in args.mixes if c > args.max_loras):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -42,5 +43,7 @@ def test_gateway_cpu_bench_runs_with_the_bare_relay() -> None:
     rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in result.stdout.splitlines() if "|" in line}
     assert set(rows) == {"tree", REPO.name, "bare relay"}  # the header, this checkout, the floor
     for name, (per_request, per_token, ttft) in ((k, v) for k, v in rows.items() if k != "tree"):
-        assert float(per_request.split()[0]) > 0 and float(per_token.split()[0]) > 0, name
+        # per token is a difference of two runs' CPU (long minus short streams): on a busy machine it can come out
+        # below zero, so the smoke run checks that it is a number, and per request that it is positive
+        assert float(per_request.split()[0]) > 0 and math.isfinite(float(per_token.split()[0])), name
         assert "ms" in ttft, name
