@@ -110,8 +110,10 @@ def direct_call(stub: Any) -> Callable[[], Awaitable[Sample]]:
     return one
 
 
-def gateway_call(http: httpx.AsyncClient) -> Callable[[], Awaitable[Sample]]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
+def gateway_call(http: httpx.AsyncClient, max_tokens: int | None = None) -> Callable[[], Awaitable[Sample]]:
+    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
 
     async def one() -> Sample:
         started = time.perf_counter()

@@ -28,12 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from gateway import MODEL, Run, Sample, direct_call, free_port, load, start_gateway, start_replica, tenant_key
+from gateway import (
+    Run,
+    direct_call,
+    free_port,
+    gateway_call,
+    load,
+    start_gateway,
+    start_replica,
+    tenant_key,
+)
 from serving.stack import cpu_seconds  # bench/ is on sys.path: this file runs as a script
 
 HERE = Path(__file__).resolve().parent
@@ -51,35 +59,9 @@ class Tree:
     added_p99: list[float] = field(default_factory=list)
 
 
-def streamed_call(http: httpx.AsyncClient, max_tokens: int | None) -> Callable[[], Awaitable[Sample]]:
-    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
-    if max_tokens:
-        body["max_tokens"] = max_tokens
-
-    async def one() -> Sample:
-        started = time.perf_counter()
-        first = None
-        events = 0
-        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"{response.status_code} {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events += 1
-                if events == 2 and first is None:  # event 1 is the role chunk; event 2 the first token
-                    first = time.perf_counter()
-                if line == "data: [DONE]":
-                    break
-        end = time.perf_counter()
-        return Sample((first or end) - started, end - started, max(0, events - 2))
-
-    return one
-
-
 async def cpu_per_request(tree: Tree, args: argparse.Namespace, max_tokens: int | None) -> tuple[float, float]:
     before = cpu_seconds(tree.pid)
-    run: Run = await load(args.concurrency, args.requests, streamed_call(tree.http, max_tokens))
+    run: Run = await load(args.concurrency, args.requests, gateway_call(tree.http, max_tokens))
     after = cpu_seconds(tree.pid)
     if run.errors or before is None or after is None:
         raise SystemExit(f"{tree.name}: {run.errors} failed requests, or no /proc")
@@ -94,7 +76,7 @@ async def measure(args: argparse.Namespace, trees: list[Tree], replica_port: int
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{replica_port}")
     direct = direct_call(inference_pb2_grpc.InferenceServiceStub(channel))
     for tree in trees:  # warm up: connections, caches, the first requests' lazy imports
-        await load(4, 40, streamed_call(tree.http, None))
+        await load(4, 40, gateway_call(tree.http, None))
     for round_ in range(args.rounds):
         for tree in trees if round_ % 2 == 0 else trees[::-1]:
             one, _ = await cpu_per_request(tree, args, 1)
@@ -104,7 +86,7 @@ async def measure(args: argparse.Namespace, trees: list[Tree], replica_port: int
             tree.tokens_full.append(tokens)
             if args.single:
                 straight = await load(1, args.single, direct)
-                through = await load(1, args.single, streamed_call(tree.http, None))
+                through = await load(1, args.single, gateway_call(tree.http, None))
                 tree.added_p50.append((through.pct("ttft_s", 0.5) - straight.pct("ttft_s", 0.5)) * 1e3)
                 tree.added_p99.append((through.pct("ttft_s", 0.99) - straight.pct("ttft_s", 0.99)) * 1e3)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)

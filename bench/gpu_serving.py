@@ -128,6 +128,17 @@ def adapter_specs(args: argparse.Namespace) -> tuple[list[AdapterSpec], list[Ada
     return mix, cold8, cold16
 
 
+# InferenceSettings fields a run sets only when its argument of the same name is given (else the service's default)
+OPTIONAL_ENGINE_SETTINGS = (
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "specialize_active_lora",
+    "gpu_memory_utilization",
+    "dtype",
+    "enforce_eager",
+)
+
+
 def service_settings(args: argparse.Namespace, work: Path, model_dir: Path, dummy: bool, n_adapters: int) -> Any:
     from lorafleet_inference.settings import InferenceSettings
 
@@ -141,14 +152,7 @@ def service_settings(args: argparse.Namespace, work: Path, model_dir: Path, dumm
         "max_model_len": args.max_model_len,
         "load_format": "dummy" if dummy else "auto",
     }
-    for name in (
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "specialize_active_lora",
-        "gpu_memory_utilization",
-        "dtype",
-        "enforce_eager",
-    ):
+    for name in OPTIONAL_ENGINE_SETTINGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return InferenceSettings(**values)
@@ -168,12 +172,7 @@ def settings_env(settings: Any) -> dict[str, str]:
         "max_lora_rank",
         "max_model_len",
         "load_format",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "specialize_active_lora",
-        "gpu_memory_utilization",
-        "dtype",
-        "enforce_eager",
+        *OPTIONAL_ENGINE_SETTINGS,
     ):
         value = getattr(settings, name)
         if value is not None:

@@ -126,3 +126,29 @@ def lora_model_with_random_b(model_path: Path, dropout: float) -> Any:
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
     return model
+
+
+def loss_and_grads(model: Any, batch: dict[str, Any], seed: int | None = None) -> tuple[float, list[Any]]:
+    """One micro-batch's summed loss and the trainable parameters' gradients; ``seed`` fixes the LoRA dropout draws
+    (the same for two paths compared)."""
+    import torch
+
+    from lorafleet_trainer import train_loop
+
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = train_loop.micro_batch_loss_sum(model, batch)
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same(a: tuple[float, list[Any]], b: tuple[float, list[Any]]) -> None:
+    """Two ``loss_and_grads`` results agree: the loss to 1e-5, every gradient to 1e-4 of the largest."""
+    import torch
+
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    scale = max(float(g.abs().max()) for g in a[1])
+    assert scale > 0
+    for ga, gb in zip(a[1], b[1], strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale)

@@ -26,7 +26,7 @@ from lorafleet_trainer.host_reads import HostReadCounter
 from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
-from .conftest import lora_model_with_random_b
+from .conftest import assert_same, lora_model_with_random_b, loss_and_grads
 
 CPU = torch.device("cpu")
 WIDTH = 64  # packed micro-batches' fixed width (max_length)
@@ -150,21 +150,6 @@ PACKED_BATCHES = [[[9, 20, 30], [40, 17]], [[5, 6, 7, 8, 30], [60]], [[33, 31], 
 
 def packed_batch(index: int) -> list[list[TokenizedExample]]:
     return [make_rows(pack, seed=10 * index + p) for p, pack in enumerate(PACKED_BATCHES[index])]
-
-
-def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, list[torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = train_loop.micro_batch_loss_sum(model, batch)
-    loss.backward()
-    return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-
-def assert_same(a: tuple[float, list[torch.Tensor]], b: tuple[float, list[torch.Tensor]]) -> None:
-    assert a[0] == pytest.approx(b[0], rel=1e-5)
-    scale = max(float(g.abs().max()) for g in a[1])
-    assert scale > 0
-    for ga, gb in zip(a[1], b[1], strict=True):
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale)
 
 
 def graph_breaks() -> int:

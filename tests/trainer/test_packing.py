@@ -14,7 +14,7 @@ from lorafleet_trainer.manifest import TrainingSpec
 from lorafleet_trainer.packing import pack_rows
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
-from .conftest import chat_rows, lora_model_with_random_b
+from .conftest import assert_same, chat_rows, lora_model_with_random_b, loss_and_grads
 
 CPU = torch.device("cpu")
 
@@ -80,21 +80,6 @@ def rows(embedded_model_path: Path) -> list[TokenizedExample]:
 @pytest.fixture(scope="module")
 def model(embedded_model_path: Path) -> Any:
     return lora_model_with_random_b(embedded_model_path, dropout=0.0)
-
-
-def loss_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = train_loop.micro_batch_loss_sum(model, batch)
-    loss.backward()
-    return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-
-def assert_same(a: tuple[float, list[torch.Tensor]], b: tuple[float, list[torch.Tensor]]) -> None:
-    assert a[0] == pytest.approx(b[0], rel=1e-5)
-    scale = max(float(g.abs().max()) for g in a[1])
-    assert scale > 0
-    for ga, gb in zip(a[1], b[1], strict=True):
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -16,7 +16,7 @@ from lorafleet_trainer.lm_loss import lm_head_loss_sum
 from lorafleet_trainer.lora_forward import set_lean_lora_forward, uses_lean_lora_forward
 from lorafleet_trainer.tokenize import TokenizedExample
 
-from .conftest import chat_rows, lora_model_with_random_b
+from .conftest import assert_same, chat_rows, lora_model_with_random_b, loss_and_grads
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.timeout(300)
@@ -33,22 +33,6 @@ def model(embedded_model_path: Path) -> Any:
     return lora_model_with_random_b(embedded_model_path, dropout=0.1)
 
 
-def loss_and_grads(model: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> tuple[float, list[torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same LoRA dropout draws for both paths
-    loss = train_loop.micro_batch_loss_sum(model, batch)
-    loss.backward()
-    return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-
-def assert_same(a: tuple[float, list[torch.Tensor]], b: tuple[float, list[torch.Tensor]]) -> None:
-    assert a[0] == pytest.approx(b[0], rel=1e-5)
-    scale = max(float(g.abs().max()) for g in a[1])
-    assert scale > 0
-    for ga, gb in zip(a[1], b[1], strict=True):
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale)
-
-
 def test_the_lean_lora_forward_trains_exactly_like_peft_s_own(
     model: Any, rows: list[TokenizedExample], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -58,12 +42,12 @@ def test_the_lean_lora_forward_trains_exactly_like_peft_s_own(
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: fused_calls.append(1) or addmm(*a, **k))
     batch = train_loop.collate([rows[:2], rows[2:]], 0, CPU)
     model.train()  # LoRA dropout is on: both paths must draw the same masks
-    lean = loss_and_grads(model, batch)
+    lean = loss_and_grads(model, batch, seed=0)
     assert len(fused_calls) == 3 * model.get_base_model().config.num_hidden_layers  # every LoRA layer took it
     set_lean_lora_forward(model, False)
     try:
         assert not uses_lean_lora_forward(model)
-        assert_same(lean, loss_and_grads(model, batch))
+        assert_same(lean, loss_and_grads(model, batch, seed=0))
         assert len(fused_calls) == 3 * model.get_base_model().config.num_hidden_layers  # PEFT's path: no addmm
         assert lean[0] != pytest.approx(loss_and_grads(model, batch, seed=1)[0], rel=1e-6)  # the control: dropout
     finally:
@@ -120,10 +104,10 @@ def test_packed_rows_through_a_varlen_kernel_train_like_the_same_rows_padded(
     try:
         assert base.config._attn_implementation == VARLEN_ATTENTION
         model.eval()  # no dropout: the padded and packed batches draw differently
-        padded = loss_and_grads(model, train_loop.collate([[r] for r in rows], 0, CPU))
+        padded = loss_and_grads(model, train_loop.collate([[r] for r in rows], 0, CPU), seed=0)
         assert calls == []  # padded batches keep sdpa
         packed_batch = train_loop.collate([rows[:3], rows[3:]], 0, CPU)
-        packed = loss_and_grads(model, packed_batch)
+        packed = loss_and_grads(model, packed_batch, seed=0)
         width = packed_batch["input_ids"].shape[1]
         lengths = [len(r.input_ids) for r in rows]
         segments = [*lengths[:3], *([width - sum(lengths[:3])] if sum(lengths[:3]) < width else []), lengths[3]]
