@@ -9,7 +9,7 @@ from typing import Any
 from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.chat.schemas import ChatCompletionRequest
 from lorafleet_gateway.generation.aggregate import Choice, Usage, check_index, finish_reason
-from lorafleet_gateway.generation.sse import encode_json, encode_string, sse_event
+from lorafleet_gateway.generation.sse import chunk_frame, encode_json, encode_string, sse_event
 
 
 def _token(token: str, logprob: float) -> dict[str, Any]:
@@ -32,11 +32,9 @@ class ChatView:
         self.created = int(time.time())
         self.body = body
         # Streaming: of each chunk event only the choice changes; the rest is encoded once, here.
-        self._event_head = (
-            f'data: {{"id":{encode_string(completion_id)},"object":"chat.completion.chunk","created":{self.created},'
-            f'"model":{encode_string(body.model)},"system_fingerprint":null,"choices":['
+        self._event_head, self._event_tail = chunk_frame(
+            "chat.completion.chunk", completion_id, self.created, body.model, body.include_usage
         )
-        self._event_tail = ('],"usage":null}' if body.include_usage else "]}") + "\n\n"
 
     def completion(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
         return {

@@ -9,7 +9,7 @@ from typing import Any
 from lorafleet.inference.v1 import inference_pb2
 from lorafleet_gateway.completions.schemas import CompletionRequest
 from lorafleet_gateway.generation.aggregate import Choice, Usage, check_index, finish_reason
-from lorafleet_gateway.generation.sse import encode_json, encode_string, sse_event
+from lorafleet_gateway.generation.sse import chunk_frame, encode_json, encode_string, sse_event
 
 
 def completion_logprobs(items: Iterable[inference_pb2.TokenLogprob], start_offset: int = 0) -> dict[str, Any]:
@@ -36,11 +36,9 @@ class CompletionView:
         self.created = int(time.time())
         self.body = body
         # Streaming: of each chunk event only the choice changes; the rest is encoded once, here.
-        self._event_head = (
-            f'data: {{"id":{encode_string(completion_id)},"object":"text_completion","created":{self.created},'
-            f'"model":{encode_string(body.model)},"system_fingerprint":null,"choices":['
+        self._event_head, self._event_tail = chunk_frame(
+            "text_completion", completion_id, self.created, body.model, body.include_usage
         )
-        self._event_tail = ('],"usage":null}' if body.include_usage else "]}") + "\n\n"
         self._offsets = [0] * body.n  # per choice: characters streamed so far, for logprobs' text_offset
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:

@@ -54,6 +54,16 @@ def encode_json(value: Any) -> str:
     return _ENCODER.encode(value)
 
 
+def chunk_frame(object_name: str, completion_id: str, created: int, model: str, include_usage: bool) -> tuple[str, str]:
+    """The constant head (``data: {...,"choices":[``) and tail (``]...}`` and the blank line) of every streamed
+    chunk event of one response: only the choice between them changes, so they are encoded once per request."""
+    head = (
+        f'data: {{"id":{encode_string(completion_id)},"object":"{object_name}","created":{created},'
+        f'"model":{encode_string(model)},"system_fingerprint":null,"choices":['
+    )
+    return head, ('],"usage":null}' if include_usage else "]}") + "\n\n"
+
+
 class EventRenderer(Protocol):
     """Turns one request's upstream chunks into the bytes of its server-sent events."""
 
