@@ -12,6 +12,7 @@
 #                  forward, with and without checkpointing), a 24 GB preset under a 22 GB cap, ablations, QLoRA
 #   seeds-packed   bench/seeds_workload.py: the seeds' job through the worker, packing on, under a 22 GB cap
 #   seeds-default  the same job with our defaults (packing off); stopped after the step that passes its deadline
+#                  (both seeds stages: SEEDS_ARGS=--compile turns training.compile on)
 #   bench512       bench/trainer.py at 512 tokens (only if enough time is left)
 #   profile        (not in the default list) bench/trainer.py --profile at 2,048 tokens on $CASES_PROFILE (default: two
 #                  packs per forward, eager and +compile): wall vs host issue vs GPU kernel time per micro-batch, top
@@ -100,11 +101,11 @@ for stage in ${STAGES//,/ }; do
                  --compile-backend "$COMPILE_BACKEND" --json-out "$OUT/profile.json" "${SMOKE_ARGS[@]}" ;;
     seeds-packed) run_stage seeds-packed "${SEEDS_PACKED_LIMIT_S:-130}" python3 bench/seeds_workload.py --model "$MODEL" \
                  --tokenizer-from /tmp/qwen25-tokenizer --packing on --memory-cap-gb 22 --work /tmp/seeds-packed \
-                 --deadline-s "${SEEDS_PACKED_DEADLINE_S:-100}" --json-out "$OUT/seeds-packed.json" "${SMOKE_ARGS[@]}" ;;
+                 --deadline-s "${SEEDS_PACKED_DEADLINE_S:-100}" --json-out "$OUT/seeds-packed.json" "${SMOKE_ARGS[@]}" ${SEEDS_ARGS:-} ;;
     seeds-default) d=$(( $(limit 400 5) - 35 )); [ $d -lt 30 ] && d=30
                run_stage seeds-default 400 python3 bench/seeds_workload.py --model "$MODEL" \
                  --tokenizer-from /tmp/qwen25-tokenizer --packing off --memory-cap-gb 22 --work /tmp/seeds-default \
-                 --deadline-s "$d" --json-out "$OUT/seeds-default.json" "${SMOKE_ARGS[@]}" ;;
+                 --deadline-s "$d" --json-out "$OUT/seeds-default.json" "${SMOKE_ARGS[@]}" ${SEEDS_ARGS:-} ;;
     bench512) [ "$(left)" -ge 100 ] && run_stage bench512 180 python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 512 \
                  --rows 128 --batch-size 4 --grad-accum 2 --warmup-rows 32 --cases "$CASES_512" \
                  --json-out "$OUT/bench512.json" "${SMOKE_ARGS[@]}" || say "=== bench512 skipped: $(left) s left" ;;

@@ -119,7 +119,9 @@ def write_datasets(store: LocalStore, rows_per_file: int, scale: float) -> dict[
     return {key: data.count(b"\n") for key, data in files.items()}
 
 
-def seeds_manifest(model_folder: str, samples: int, cognition: int | None, packing: bool) -> dict[str, Any]:
+def seeds_manifest(
+    model_folder: str, samples: int, cognition: int | None, packing: bool, compile_layers: bool = False
+) -> dict[str, Any]:
     cognition_uri = "files/self_cognition.jsonl" + (f"#{cognition}" if cognition else "")
     return {
         "base_model": model_folder,
@@ -137,6 +139,7 @@ def seeds_manifest(model_folder: str, samples: int, cognition: int | None, packi
             "learning_rate": 1e-4,
             "gradient_accumulation_steps": 16,
             "packing": packing,
+            "compile": compile_layers,
         },
     }
 
@@ -171,7 +174,7 @@ def run_seeds_job(args: argparse.Namespace, folder: str, store_dir: Path, packin
     spec = WorkerSpec.model_validate(
         {
             "job_id": job_id,
-            "manifest": seeds_manifest(folder, args.samples, args.cognition_samples, packing),
+            "manifest": seeds_manifest(folder, args.samples, args.cognition_samples, packing, args.compile),
             "store_url": f"file://{store_dir}",
             "s3": {"endpoint": "localhost:9000", "access_key": "", "secret_key": "", "secure": False}
             | {"region": None, "timeout_s": 10.0},
@@ -247,6 +250,7 @@ def run_seeds_job(args: argparse.Namespace, folder: str, store_dir: Path, packin
     return {
         "job_id": job_id,
         "packing": packing,
+        "compile": args.compile,
         "error": error or next((e.get("error", "") for _, e in stream.of("failed")), ""),
         "seconds": seconds,
         "random_weights_seconds": round(sum(b["seconds"] for b in builds), 3) if builds else None,
@@ -300,7 +304,8 @@ def report(args: argparse.Namespace, label: str, files: dict[str, int], jobs: li
         "",
     ]
     order = ["read+validate", "tokenize", "model build", "training", "save", "publish", "other", "total"]
-    header = f"{'phase (seconds)':<20}" + "".join(f"{'packing ' + ('on' if j['packing'] else 'off'):>14}" for j in jobs)
+    labels = ["packing " + ("on" if j["packing"] else "off") + (" +c" if j.get("compile") else "") for j in jobs]
+    header = f"{'phase (seconds)':<20}" + "".join(f"{label:>14}" for label in labels)
     lines.append(header)
     for phase in order:
         cells = "".join(f"{j['seconds'].get(phase, float('nan')):>14.2f}" for j in jobs)
@@ -340,6 +345,7 @@ def main() -> int:
     )
     parser.add_argument("--tokenizer-from", help="folder with tokenizer.json + tokenizer_config.json (qwen2.5-7b)")
     parser.add_argument("--packing", dest="packing_given", choices=["off", "on", "both"], default=None)
+    parser.add_argument("--compile", action="store_true", help="training.compile on (compiled decoder layers)")
     parser.add_argument("--samples", type=int, default=500, help="rows sampled per alpaca file (default 500)")
     parser.add_argument("--cognition-samples", type=int, default=None, help="self-cognition rows (default: all)")
     parser.add_argument("--rows-per-file", type=int, default=2000, help="rows made up per alpaca file")

@@ -8,8 +8,9 @@ the case's warm-up and timed epochs, so kernels, allocator and compiled graphs a
    one (the call's own duration: with no sync inside, the host runs ahead of the GPU by up to this much); on CUDA
    under ``torch.cuda.set_sync_debug_mode("warn")``, whose warnings count the host's waits for the device;
 2. under torch.profiler: the sum of kernel times per micro-batch (GPU busy = kernels / wall: well under 1, the
-   GPU waits for the host), the top ops by self GPU time (CPU: self CPU time), and the runtime's synchronizing
-   calls (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize) and device-to-host copies.
+   GPU waits for the host), the top kernels by GPU time and the top host ops by self CPU time, and the runtime's
+   synchronizing calls (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize) and device-to-host
+   copies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from lorafleet_trainer import train_loop
@@ -104,18 +106,38 @@ def summarize(
     sync_warnings: int | None,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The profile as numbers per micro-batch (milliseconds), and the top ops with their share."""
+    """The profile as numbers per micro-batch (milliseconds), and the top kernels and host ops with their share.
+
+    The kernel time is the sum over the device's own events (kernels, copies) only: an op's ``self_device_time``
+    counts the kernels it launched a second time. On one stream kernels do not overlap, so the sum is the time the
+    GPU was busy.
+    """
     averages = list(prof.key_averages())
     on_gpu = device.type == "cuda"
-
-    def own_time(event: Any) -> float:  # microseconds
-        return float(event.self_device_time_total if on_gpu else event.self_cpu_time_total)
-
-    total = sum(own_time(e) for e in averages)
-    top = sorted(averages, key=own_time, reverse=True)[:TOP_OPS]
-    counts = {e.key: int(e.count) for e in averages}
     per = max(1, micro_batches)
-    kernels_ms = total / 1e3 / per if on_gpu else None
+    host_ops = [e for e in averages if e.device_type == DeviceType.CPU]
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA] if on_gpu else []
+
+    def top(events: list[Any], own_time: Any) -> list[dict[str, Any]]:
+        total = sum(own_time(e) for e in events)
+        return [
+            {
+                "name": e.key,
+                "ms": own_time(e) / 1e3 / per,
+                "share": own_time(e) / total if total else 0.0,
+                "calls": e.count / per,
+            }
+            for e in sorted(events, key=own_time, reverse=True)[:TOP_OPS]
+        ]
+
+    def gpu_time(event: Any) -> float:  # microseconds
+        return float(event.self_device_time_total)
+
+    def host_time(event: Any) -> float:
+        return float(event.self_cpu_time_total)
+
+    counts = {e.key: int(e.count) for e in averages}
+    kernels_ms = sum(gpu_time(e) for e in kernels) / 1e3 / per if on_gpu else None
     wall_ms = wall * 1e3 / per
     syncs: dict[str, Any] = {"sync_debug_warnings": sync_warnings}
     if on_gpu:
@@ -130,17 +152,11 @@ def summarize(
         "host_issue_ms": sum(issue) * 1e3 / per,
         "kernel_ms": kernels_ms,
         "gpu_busy": kernels_ms / wall_ms if kernels_ms is not None and wall_ms > 0 else None,
+        "host_ops_per_micro_batch": sum(e.count for e in host_ops) / per,
         "syncs_per_micro_batch": syncs,
-        "top": [
-            {
-                "name": e.key,
-                "ms": own_time(e) / 1e3 / per,
-                "share": own_time(e) / total if total else 0.0,
-                "calls": e.count / per,
-            }
-            for e in top
-        ],
-        "top_by": "self GPU time" if on_gpu else "self CPU time",
+        "top": top(kernels, gpu_time) if on_gpu else top(host_ops, host_time),
+        "top_by": "GPU kernel time" if on_gpu else "self CPU time",
+        "top_host": top(host_ops, host_time) if on_gpu else [],
     }
 
 
@@ -156,6 +172,10 @@ def report_lines(case: str, profile_result: dict[str, Any]) -> list[str]:
         line += f", GPU kernels {p['kernel_ms']:.1f} ms (GPU busy {p['gpu_busy']:.0%})"
     syncs = ", ".join(f"{k} {v:g}" for k, v in p["syncs_per_micro_batch"].items() if v is not None)
     lines = [line, f"  syncs per micro-batch: {syncs or 'n/a on CPU'}"]
-    lines.append(f"  top {len(p['top'])} by {p['top_by']} (share of the total; time and calls per micro-batch):")
-    lines += [f"  {t['share']:6.1%} {t['ms']:9.2f} ms {t['calls']:7g} calls  {t['name'][:90]}" for t in p["top"]]
+    if p.get("host_ops_per_micro_batch") is not None:
+        lines.append(f"  host ops per micro-batch: {p['host_ops_per_micro_batch']:.0f}")
+    for key, by in (("top", p["top_by"]), ("top_host", "self host CPU time")):
+        if p.get(key):
+            lines.append(f"  top {len(p[key])} by {by} (share of the total; time and calls per micro-batch):")
+            lines += [f"  {t['share']:6.1%} {t['ms']:9.2f} ms {t['calls']:7g} calls  {t['name'][:90]}" for t in p[key]]
     return lines
