@@ -47,3 +47,20 @@ def test_gateway_cpu_bench_runs_with_the_bare_relay() -> None:
         # below zero, so the smoke run checks that it is a number, and per request that it is positive
         assert float(per_request.split()[0]) > 0 and math.isfinite(float(per_token.split()[0])), name
         assert "ms" in ttft, name
+
+
+def test_gateway_inprocess_bench_compares_trees() -> None:
+    """bench/gateway_inprocess.py (the ASGI app called directly; main-thread CPU) over this checkout and the floor."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gateway_inprocess.py"), "--trees", str(REPO), "bare-relay"]
+        + ["--rounds", "1", "--requests", "20", "--tokens", "4", "--model", "adapter"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in result.stdout.splitlines() if "|" in line}
+    assert set(rows) == {"tree", str(REPO)[-24:], "bare-relay"}
+    for name, (per_request, per_token) in ((k, v) for k, v in rows.items() if k != "tree"):
+        assert float(per_request.split()[0]) > 0 and math.isfinite(float(per_token.split()[0])), name

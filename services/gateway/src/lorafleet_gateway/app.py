@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,7 +16,9 @@ from lorafleet_gateway.adapters.router import admin_router as adapters_admin_rou
 from lorafleet_gateway.adapters.router import router as adapters_router
 from lorafleet_gateway.adapters.service import AdapterService, PlacementTimeouts, replica_label
 from lorafleet_gateway.auth import AdminDep, Authenticator, DefaultLimits, is_admin
+from lorafleet_gateway.chat.router import CHAT_ROUTE
 from lorafleet_gateway.chat.router import router as chat_router
+from lorafleet_gateway.completions.router import COMPLETIONS_ROUTE
 from lorafleet_gateway.completions.router import router as completions_router
 from lorafleet_gateway.console.router import install_console
 from lorafleet_gateway.db.database import migrate, open_engine
@@ -25,6 +28,7 @@ from lorafleet_gateway.files.router import router as files_router
 from lorafleet_gateway.files.service import FileService
 from lorafleet_gateway.fine_tuning.router import router as fine_tuning_router
 from lorafleet_gateway.fine_tuning.service import FineTuningService
+from lorafleet_gateway.generation.fast_path import GatewayApp, GenerationFastPath, bind_routes
 from lorafleet_gateway.generation.service import GenerationService
 from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -188,7 +192,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             await pool.close()
             engine.dispose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="LoRA Fleet gateway",
         summary="OpenAI-compatible API for LoRA fine-tuning and multi-LoRA serving.",
         version="0.1.0",
@@ -206,4 +210,11 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
     # Added last = outermost: metrics see every response, including the body limit's 413s.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
     app.add_middleware(MetricsMiddleware, metrics=gateway_metrics)
+    # In front of all of it: the generation routes' valid requests (generation/fast_path.py).
+    app.fast_path = partial(
+        GenerationFastPath,
+        routes=bind_routes(app, [CHAT_ROUTE, COMPLETIONS_ROUTE]),
+        metrics=gateway_metrics,
+        body_limit=settings.max_body_bytes,
+    )
     return app

@@ -235,6 +235,12 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The 500 for an exception no other handler took (logged with its traceback)."""
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_payload("internal server error", "server_error"), status_code=500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error path through ERROR_TABLE."""
 
@@ -264,11 +270,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(error_payload(str(exc.detail), type_), status_code=exc.status_code, headers=headers or None)
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_payload("internal server error", "server_error"), status_code=500)
-
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    app.add_exception_handler(Exception, unexpected_error_response)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -86,7 +85,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        state: dict[str, Any] = scope.setdefault("state", {})
+        scope.setdefault("state", {})  # where the handlers leave the labels (observe_request)
         status = 500
 
         async def observing_send(message: Message) -> None:
@@ -98,8 +97,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observing_send)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            kind = str(state.get("model_kind", "none"))
-            model = str(state.get("model_label", "none"))
-            tenant = getattr(state.get("principal"), "tenant", "none")
-            self.metrics.observe_request(route, tenant, model, kind, status, time.perf_counter() - started)
+            observe_request(self.metrics, scope, status, started)
+
+
+def observe_request(metrics: GatewayMetrics, scope: Scope, status: int, started: float) -> None:
+    """Count and time one request with the labels its handling left in ``scope`` (see MetricsMiddleware)."""
+    state = scope["state"]
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    kind = str(state.get("model_kind", "none"))
+    model = str(state.get("model_label", "none"))
+    tenant = getattr(state.get("principal"), "tenant", "none")
+    metrics.observe_request(route, tenant, model, kind, status, time.perf_counter() - started)

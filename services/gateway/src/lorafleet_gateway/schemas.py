@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ class OpenAIRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        return refuse_lone_surrogates(data)
+    def _valid_unicode(cls, data: Any, info: ValidationInfo) -> Any:
+        # Parsed from JSON by pydantic itself (the generation routes' fast path), text cannot hold a lone
+        # surrogate: its parser refuses the escape as invalid JSON. json.loads, FastAPI's parser, does not.
+        return data if info.mode == "json" else refuse_lone_surrogates(data)
 
     @model_validator(mode="after")
     def _log_ignored_fields(self) -> Self:

@@ -1,16 +1,21 @@
-"""Route: POST /v1/chat/completions."""
+"""Route: POST /v1/chat/completions (declared here for FastAPI; generation/fast_path.py serves its valid requests)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import Receive
 
 from lorafleet.inference.v1 import inference_pb2
+from lorafleet_gateway.auth import Principal
 from lorafleet_gateway.chat.schemas import ChatCompletionRequest
 from lorafleet_gateway.chat.view import ChatView
 from lorafleet_gateway.deps import GenerationDep
 from lorafleet_gateway.generation.aggregate import collect
-from lorafleet_gateway.generation.service import new_request_id, sampling_params
+from lorafleet_gateway.generation.fast_path import GenerationRoute
+from lorafleet_gateway.generation.service import GenerationService, new_request_id, sampling_params
 from lorafleet_gateway.generation.sse import SSEResponse, unless_disconnected
 from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
@@ -27,18 +32,28 @@ def generate_request(body: ChatCompletionRequest, request_id: str) -> inference_
     )
 
 
+async def respond(
+    body: ChatCompletionRequest, service: GenerationService, caller: Principal, state: dict[str, Any], receive: Receive
+) -> Response:
+    """The response to a valid request of an admitted caller (both paths end here)."""
+    prompt_chars = body.prompt_chars()
+    service.check_prompt(prompt_chars, "messages")
+    resolved = await service.resolve(caller, body.model)
+    state["model_kind"], state["model_label"] = resolved.kind, resolved.name
+    view = ChatView(new_request_id("chatcmpl"), body)
+    upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=prompt_chars)
+    if body.stream:
+        return SSEResponse(view, upstream)
+    choices, usage = await unless_disconnected(receive, collect(upstream, body.n), upstream)
+    return JSONResponse(view.completion(choices, usage))
+
+
+CHAT_ROUTE = GenerationRoute("/v1/chat/completions", ChatCompletionRequest, respond)
+
+
 @router.post("/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: GenerationDep, caller: CallerDep
 ) -> Response:
     """Create a chat completion with the base model or one of the caller's adapters; SSE when `stream` is true."""
-    prompt_chars = body.prompt_chars()
-    service.check_prompt(prompt_chars, "messages")
-    resolved = await service.resolve(caller, body.model)
-    request.state.model_kind, request.state.model_label = resolved.kind, resolved.name
-    view = ChatView(new_request_id("chatcmpl"), body)
-    upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=prompt_chars)
-    if body.stream:
-        return SSEResponse(view, upstream)
-    choices, usage = await unless_disconnected(request, collect(upstream, body.n), upstream)
-    return JSONResponse(view.completion(choices, usage))
+    return await respond(body, service, caller, request.scope.setdefault("state", {}), request.receive)

@@ -1,16 +1,21 @@
-"""Route: POST /v1/completions."""
+"""Route: POST /v1/completions (declared here for FastAPI; generation/fast_path.py serves its valid requests)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import Receive
 
 from lorafleet.inference.v1 import inference_pb2
+from lorafleet_gateway.auth import Principal
 from lorafleet_gateway.completions.schemas import CompletionRequest
 from lorafleet_gateway.completions.view import CompletionView
 from lorafleet_gateway.deps import GenerationDep
 from lorafleet_gateway.generation.aggregate import collect
-from lorafleet_gateway.generation.service import new_request_id, sampling_params
+from lorafleet_gateway.generation.fast_path import GenerationRoute
+from lorafleet_gateway.generation.service import GenerationService, new_request_id, sampling_params
 from lorafleet_gateway.generation.sse import SSEResponse, unless_disconnected
 from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
@@ -24,17 +29,27 @@ def generate_request(body: CompletionRequest, request_id: str) -> inference_pb2.
     )
 
 
+async def respond(
+    body: CompletionRequest, service: GenerationService, caller: Principal, state: dict[str, Any], receive: Receive
+) -> Response:
+    """The response to a valid request of an admitted caller (both paths end here)."""
+    service.check_prompt(len(body.prompt), "prompt")
+    resolved = await service.resolve(caller, body.model)
+    state["model_kind"], state["model_label"] = resolved.kind, resolved.name
+    view = CompletionView(new_request_id("cmpl"), body)
+    upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=len(body.prompt))
+    if body.stream:
+        return SSEResponse(view, upstream)
+    choices, usage = await unless_disconnected(receive, collect(upstream, body.n), upstream)
+    return JSONResponse(view.completion(choices, usage))
+
+
+COMPLETIONS_ROUTE = GenerationRoute("/v1/completions", CompletionRequest, respond)
+
+
 @router.post("/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, request: Request, service: GenerationDep, caller: CallerDep
 ) -> Response:
     """Complete a raw prompt with the base model or one of the caller's adapters; SSE when `stream` is true."""
-    service.check_prompt(len(body.prompt), "prompt")
-    resolved = await service.resolve(caller, body.model)
-    request.state.model_kind, request.state.model_label = resolved.kind, resolved.name
-    view = CompletionView(new_request_id("cmpl"), body)
-    upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=len(body.prompt))
-    if body.stream:
-        return SSEResponse(view, upstream)
-    choices, usage = await unless_disconnected(request, collect(upstream, body.n), upstream)
-    return JSONResponse(view.completion(choices, usage))
+    return await respond(body, service, caller, request.scope.setdefault("state", {}), request.receive)

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
-from fastapi import Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -158,14 +157,14 @@ class SSEResponse(Response):
         await send({"type": "http.response.body", "body": pending + DONE, "more_body": False})
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T], upstream: GenerationStream) -> T:
+async def unless_disconnected(receive: Receive, work: Awaitable[T], upstream: GenerationStream) -> T:
     """Await ``work``; if the client disconnects first, cancel it and the upstream call.
 
     Starlette does not cancel a non-streaming handler when its client leaves,
     so without this a long generation would run to the end for nobody.
     """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():

@@ -54,6 +54,7 @@ class ModelCatalog:
     def __init__(self, store: ObjectStore, base_model: str, *, outage_grace_s: float = 0.0) -> None:
         self._store = store
         self.base_model = base_model
+        self._base = ResolvedModel("base", name=base_model)  # frozen: one for every request that names it
         self.outage_grace_s = outage_grace_s
         self._started = int(time.time())
         self._last: OrderedDict[tuple[str, str], tuple[ResolvedModel, float]] = OrderedDict()
@@ -65,7 +66,7 @@ class ModelCatalog:
         starts with the caller's tenant (see tenancy/namespace.py).
         """
         if model == self.base_model:
-            return ResolvedModel("base", name=self.base_model)
+            return self._base
         try:
             resolved = await asyncio.to_thread(self._resolve_adapter, tenant, model)
         except StoreError as exc:

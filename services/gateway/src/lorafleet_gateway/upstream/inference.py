@@ -252,7 +252,7 @@ class InferencePool:
         the client as an HTTP status.
         """
         tried: set[str] = set()
-        last_error: GatewayError = self._no_replica(request.adapter)
+        last_error: GatewayError | None = None  # built when needed: most requests never raise it
         failed: Replica | None = None
         attempts_left, switch_retry_left = 1 + self.policy.retry_attempts, 1
         while attempts_left > 0:
@@ -300,7 +300,7 @@ class InferencePool:
                 self._abandon(replica, call)
                 raise UpstreamFailed(f"inference replica {replica.target} ended the stream without output")
             return GenerationStream(call, first, replica, self, on_finish)
-        raise last_error
+        raise last_error or self._no_replica(request.adapter)
 
     async def _refresh_modes(self) -> bool:
         """Ask Stats now of the replicas whose merge mode kept them out of a choice, if their last answer is older

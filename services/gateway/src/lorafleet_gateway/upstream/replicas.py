@@ -77,6 +77,9 @@ class Replica:
     merged_adapter: str = ""  # "name@version"; while switching, the target ("" when unmerging)
     merged_for_s: float = 0.0
     stats_at: float = 0.0  # time.monotonic() of that Stats answer
+    # Its lorafleet_gateway_replica_in_flight child, bound once: .labels() costs ~10 us, and every request sets it
+    # twice. Detached when the replica is retired (a re-added target gets a new Replica and a new child).
+    in_flight_gauge: Any = field(default=None, repr=False)
 
     @property
     def mode(self) -> Mode:
@@ -192,6 +195,7 @@ class ReplicaSet:
             channel=channel,
             stub=inference_pb2_grpc.InferenceServiceStub(channel),
             health=health_pb2_grpc.HealthStub(channel),
+            in_flight_gauge=self._metrics.replica_in_flight.labels(replica=target),
         )
         self._metrics.replica_up.labels(replica=target).set(1)
         logger.info("inference replica %s added", target)
@@ -282,12 +286,12 @@ class ReplicaSet:
 
     def acquire(self, replica: Replica) -> None:
         replica.in_flight += 1
-        self._metrics.replica_in_flight.labels(replica=replica.target).set(replica.in_flight)
+        replica.in_flight_gauge.set(replica.in_flight)
 
     def release(self, replica: Replica) -> None:
         replica.in_flight -= 1
-        if replica.target in self._replicas:
-            self._metrics.replica_in_flight.labels(replica=replica.target).set(replica.in_flight)
+        if self._replicas.get(replica.target) is replica:  # not retired (nor replaced by a re-added twin)
+            replica.in_flight_gauge.set(replica.in_flight)
 
 
 def _describe(exc: BaseException) -> str:
