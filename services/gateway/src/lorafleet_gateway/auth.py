@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import SecretStr
@@ -131,12 +131,19 @@ class Authenticator:
                 del self._cache[digest]
 
 
+async def identify(app_state: Any, authorization: str | None, state: dict[str, Any]) -> Principal:
+    """The caller of ``authorization``, or 401; left in the request's ``state`` (the metrics label by its tenant)."""
+    authenticator: Authenticator = app_state.authenticator
+    principal = await authenticator.authenticate(authorization)
+    state["principal"] = principal
+    return principal
+
+
 async def get_principal(request: Request) -> Principal:
     """FastAPI dependency: the authenticated caller, or 401."""
-    authenticator: Authenticator = request.app.state.authenticator
-    principal = await authenticator.authenticate(request.headers.get("authorization"))
-    request.state.principal = principal
-    return principal
+    return await identify(
+        request.app.state, request.headers.get("authorization"), request.scope.setdefault("state", {})
+    )
 
 
 async def require_admin(request: Request) -> Principal:

@@ -17,11 +17,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from lorafleet_gateway.auth import Principal, get_principal
+from lorafleet_gateway.auth import Principal, identify
 from lorafleet_gateway.errors import GatewayError, RequestRateLimited, TokenRateLimited
 from lorafleet_gateway.metrics import GatewayMetrics
 
@@ -108,12 +108,18 @@ class RateLimiter:
         return cls(message, headers=headers)
 
 
-async def admitted_caller(request: Request) -> Principal:
-    """FastAPI dependency of the data plane: authenticate, then take one request from the key's RPM."""
-    principal = await get_principal(request)
-    limiter: RateLimiter = request.app.state.limiter
+async def admit(app_state: Any, authorization: str | None, state: dict[str, Any]) -> Principal:
+    """The data plane's admission: authenticate, then take one request from the key's RPM (the FastAPI
+    dependency below and the generation routes' fast path)."""
+    principal = await identify(app_state, authorization, state)
+    limiter: RateLimiter = app_state.limiter
     limiter.admit_request(principal)
     return principal
+
+
+async def admitted_caller(request: Request) -> Principal:
+    """FastAPI dependency of the data plane: ``admit``."""
+    return await admit(request.app.state, request.headers.get("authorization"), request.scope.setdefault("state", {}))
 
 
 CallerDep = Annotated[Principal, Depends(admitted_caller)]

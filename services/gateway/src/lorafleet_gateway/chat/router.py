@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from starlette.types import Receive
 
 from lorafleet.inference.v1 import inference_pb2
@@ -13,10 +12,9 @@ from lorafleet_gateway.auth import Principal
 from lorafleet_gateway.chat.schemas import ChatCompletionRequest
 from lorafleet_gateway.chat.view import ChatView
 from lorafleet_gateway.deps import GenerationDep
-from lorafleet_gateway.generation.aggregate import collect
 from lorafleet_gateway.generation.fast_path import GenerationRoute
+from lorafleet_gateway.generation.reply import reply
 from lorafleet_gateway.generation.service import GenerationService, new_request_id, sampling_params
-from lorafleet_gateway.generation.sse import SSEResponse, unless_disconnected
 from lorafleet_gateway.openapi import GENERATION_RESPONSES
 from lorafleet_gateway.quotas import CallerDep
 
@@ -42,10 +40,7 @@ async def respond(
     state["model_kind"], state["model_label"] = resolved.kind, resolved.name
     view = ChatView(new_request_id("chatcmpl"), body)
     upstream = await service.start(caller, resolved, generate_request(body, view.id), prompt_chars=prompt_chars)
-    if body.stream:
-        return SSEResponse(view, upstream)
-    choices, usage = await unless_disconnected(receive, collect(upstream, body.n), upstream)
-    return JSONResponse(view.completion(choices, usage))
+    return await reply(view, upstream, stream=body.stream, n=body.n, receive=receive)
 
 
 CHAT_ROUTE = GenerationRoute("/v1/chat/completions", ChatCompletionRequest, respond)

@@ -36,12 +36,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorafleet_gateway.auth import Authenticator, Principal
+from lorafleet_gateway.auth import Principal
 from lorafleet_gateway.errors import GatewayError, error_response, unexpected_error_response
 from lorafleet_gateway.generation.service import GenerationService
 from lorafleet_gateway.metrics import GatewayMetrics
 from lorafleet_gateway.middleware import observe_request
-from lorafleet_gateway.quotas import RateLimiter
+from lorafleet_gateway.quotas import admit
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -153,13 +153,9 @@ class GenerationFastPath:
         try:
             app_state = scope["app"].state
             try:
-                authenticator: Authenticator = app_state.authenticator
-                caller = await authenticator.authenticate(
-                    None if authorization is None else authorization.decode("latin-1")
+                caller = await admit(
+                    app_state, None if authorization is None else authorization.decode("latin-1"), state
                 )
-                state["principal"] = caller
-                limiter: RateLimiter = app_state.limiter
-                limiter.admit_request(caller)
                 response = await bound.route.respond(request, app_state.services.generation, caller, state, receive)
             except GatewayError as exc:
                 response = error_response(exc)
