@@ -10,16 +10,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_gateway_bench_quick() -> None:
+def run_bench(script: str, *args: str) -> str:
+    """bench/<script> with ``args``, from the repository root; its standard output (it must exit 0)."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gateway.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+        [sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, timeout=120, cwd=REPO
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+    return result.stdout
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """The cells of a "|"-separated table, by the first cell."""
+    return {line.split("|")[0].strip(): line.split("|")[1:] for line in output.splitlines() if "|" in line}
+
+
+def test_gateway_bench_quick() -> None:
+    lines = run_bench("gateway.py", "--quick").splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("streams"))
     assert "added TTFT p50/p99" in lines[header] and "ratio" in lines[header]
     rows = [line.split("|")[-1].split() for line in lines[header + 1 :]]
@@ -31,16 +37,8 @@ def test_gateway_bench_quick() -> None:
 
 def test_gateway_cpu_bench_runs_with_the_bare_relay() -> None:
     """bench/gateway_cpu.py (CPU per request and per token, TTFT at one stream) and its floor, bench/bare_relay.py."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gateway_cpu.py"), "--requests", "16", "--rounds", "1", "--single", "2"]
-        + ["--tokens", "8", "--token-delay-ms", "1", "--bare-relay"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in result.stdout.splitlines() if "|" in line}
+    arguments = ["--requests", "16", "--rounds", "1", "--single", "2", "--tokens", "8", "--token-delay-ms", "1"]
+    rows = table_rows(run_bench("gateway_cpu.py", *arguments, "--bare-relay"))
     assert set(rows) == {"tree", REPO.name, "bare relay"}  # the header, this checkout, the floor
     for name, (per_request, per_token, ttft) in ((k, v) for k, v in rows.items() if k != "tree"):
         # per token is a difference of two runs' CPU (long minus short streams): on a busy machine it can come out
@@ -51,16 +49,8 @@ def test_gateway_cpu_bench_runs_with_the_bare_relay() -> None:
 
 def test_gateway_inprocess_bench_compares_trees() -> None:
     """bench/gateway_inprocess.py (the ASGI app called directly; main-thread CPU) over this checkout and the floor."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gateway_inprocess.py"), "--trees", str(REPO), "bare-relay"]
-        + ["--rounds", "1", "--requests", "20", "--tokens", "4", "--model", "adapter"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in result.stdout.splitlines() if "|" in line}
+    arguments = ["--rounds", "1", "--requests", "20", "--tokens", "4", "--model", "adapter"]
+    rows = table_rows(run_bench("gateway_inprocess.py", "--trees", str(REPO), "bare-relay", *arguments))
     assert set(rows) == {"tree", str(REPO)[-24:], "bare-relay"}
     for name, (per_request, per_token) in ((k, v) for k, v in rows.items() if k != "tree"):
         assert float(per_request.split()[0]) > 0 and math.isfinite(float(per_token.split()[0])), name

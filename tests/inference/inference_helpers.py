@@ -14,6 +14,26 @@ from safetensors.numpy import save_file
 from lorafleet_common.adapters import AdapterMetadata, publish_adapter, sha256_file
 from lorafleet_common.settings import EMBEDDED_BASE_MODEL
 from lorafleet_common.store import LocalStore
+from lorafleet_inference.settings import InferenceSettings
+
+
+def cpu_replica_settings(home: Path, **overrides: Any) -> InferenceSettings:
+    """A replica of the embedded model on the CPU, small enough for two engines at once in a test run."""
+    values: dict[str, Any] = {
+        "home": home,
+        "store_url": (home / "store").as_uri(),
+        "base_model": EMBEDDED_BASE_MODEL,
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "max_loras": 2,
+        "max_lora_rank": 8,
+        "max_cpu_loras": 3,
+        "max_model_len": 512,
+        "gpu_memory_utilization": 0.2,
+        "enforce_eager": True,
+    }
+    return InferenceSettings(**(values | overrides))
+
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -37,7 +37,7 @@ from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.settings import InferenceSettings
 from tests.conftest import free_port
-from tests.inference.inference_helpers import PROJECTIONS, publish, write_adapter_dir
+from tests.inference.inference_helpers import PROJECTIONS, cpu_replica_settings, publish, write_adapter_dir
 
 pytestmark = pytest.mark.engine
 
@@ -120,20 +120,7 @@ async def replica(
 ) -> AsyncIterator[Replica]:
     home = tmp_path_factory.mktemp("inference-home")
     (home / "models").symlink_to(model_cache_dir)  # the restarted process reuses the prepared embedded model
-    settings = InferenceSettings(
-        home=home,
-        store_url=(home / "store").as_uri(),
-        base_model=EMBEDDED_BASE_MODEL,
-        grpc_port=0,
-        metrics_port=free_port(),
-        max_loras=2,
-        max_lora_rank=8,
-        max_cpu_loras=3,
-        max_model_len=512,
-        gpu_memory_utilization=0.2,
-        enforce_eager=True,
-        drain_timeout_s=30,
-    )
+    settings = cpu_replica_settings(home, metrics_port=free_port(), drain_timeout_s=30)
     started = time.monotonic()
     app = await start(settings, model_path=str(embedded_model_path))
     print(f"engine start-up: {time.monotonic() - started:.1f} s")

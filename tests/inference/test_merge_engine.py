@@ -23,14 +23,13 @@ from safetensors.torch import save_file
 
 from lorafleet.inference.v1 import inference_pb2 as pb
 from lorafleet.inference.v1 import inference_pb2_grpc as pb_grpc
-from lorafleet_common.settings import EMBEDDED_BASE_MODEL
 from lorafleet_common.store import LocalStore
 from lorafleet_inference.grpc_server import InferenceServicer, build_server
 from lorafleet_inference.main import InferenceApp, build_service, start
 from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.settings import InferenceSettings
-from tests.inference.inference_helpers import PROJECTIONS, publish, write_adapter_dir
+from tests.inference.inference_helpers import PROJECTIONS, cpu_replica_settings, publish, write_adapter_dir
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
 
@@ -91,21 +90,8 @@ def write_peft_adapter(folder: Path, model_path: Path, *, seed: int, b_std: floa
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def replica(tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path) -> AsyncIterator[Replica]:
     home = tmp_path_factory.mktemp("merge-home")
-    settings = InferenceSettings(
-        home=home,
-        store_url=(home / "store").as_uri(),
-        base_model=EMBEDDED_BASE_MODEL,
-        grpc_port=0,
-        metrics_port=0,
-        max_loras=2,
-        max_lora_rank=8,
-        max_cpu_loras=3,
-        max_model_len=256,
-        gpu_memory_utilization=0.2,
-        enforce_eager=True,
-        merge_enabled=True,
-        merge_min_hold_s=300,
-        merge_drain_timeout_s=30,
+    settings = cpu_replica_settings(
+        home, max_model_len=256, merge_enabled=True, merge_min_hold_s=300, merge_drain_timeout_s=30
     )
     started = time.monotonic()
     app = await start(settings, model_path=str(embedded_model_path))
