@@ -22,9 +22,9 @@ from torch._dynamo.utils import counters
 from lorafleet_trainer import train_loop
 from lorafleet_trainer.attention import VARLEN_ATTENTION, enable_varlen_attention
 from lorafleet_trainer.compiled_layers import compiled_layers
-from lorafleet_trainer.host_reads import HostReadCounter
 from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
+from tests.trainer.host_reads import HostReadCounter
 
 from .conftest import assert_same, lora_model_with_random_b, loss_and_grads
 

@@ -3,9 +3,9 @@
 ``.item()``, ``float()``, ``.tolist()``, ``if tensor:``, a boolean mask's index, ``nonzero`` and the like make the
 host wait until the GPU has computed the value, and the GPU then idles while the host catches up. The training
 hot path (a micro-batch's forward, loss and backward) should have none; this counter lets a test on the CPU,
-where nothing syncs, see the reads that would (tests/trainer/test_compiled_layers.py, bench/trainer.py
---profile). It sees what Python calls: reads inside C++ kernels (autograd's backward of built-in ops) are not
-counted; on CUDA, ``torch.cuda.set_sync_debug_mode`` sees those too.
+where nothing syncs, see the reads that would (test_compiled_layers.py). It sees what Python calls: reads inside
+C++ kernels (autograd's backward of built-in ops) are not counted; on CUDA, ``torch.cuda.set_sync_debug_mode``
+sees those too (bench/trainer.py --profile counts them that way).
 """
 
 from __future__ import annotations
