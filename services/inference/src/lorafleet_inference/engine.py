@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+import os
+from collections.abc import AsyncGenerator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -28,6 +29,8 @@ from lorafleet_inference.settings import InferenceSettings
 log = logging.getLogger(__name__)
 
 MERGE_WORKER_EXTENSION = "lorafleet_inference.merge_worker.MergeWorkerExtension"
+PACKAGED_LORA_KERNEL_CONFIGS = Path(__file__).parent / "lora_kernel_configs"
+TUNED_CONFIG_ENV = "VLLM_TUNED_CONFIG_FOLDER"
 
 
 class Engine(Protocol):
@@ -118,6 +121,30 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
     )
 
 
+def lora_kernel_config_folder(settings: InferenceSettings, environ: MutableMapping[str, str]) -> str | None:
+    """Where vLLM should read tuned LoRA kernel configs (None: its defaults); see the setting's description."""
+    choice = settings.lora_kernel_configs
+    if choice == "vllm":
+        return None
+    if choice == "packaged":
+        return environ.get(TUNED_CONFIG_ENV) or str(PACKAGED_LORA_KERNEL_CONFIGS)
+    return str(choice)
+
+
+def use_lora_kernel_configs(settings: InferenceSettings, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Point vLLM at the tuned configs. vLLM reads the variable in its engine process, which inherits this
+    process's environment when it starts, so this runs before the engine is built.
+
+    H100, Qwen2.5-7B, rank 16, 32 slots: the LoRA kernels of a 16k-token step take 71 ms instead of 105 with one
+    adapter active and 134 instead of 337 with 32 (docs/benchmarks.md, "LoRA kernel configurations")."""
+    folder = lora_kernel_config_folder(settings, environ)
+    if folder is None:
+        environ.pop(TUNED_CONFIG_ENV, None)
+    else:
+        environ[TUNED_CONFIG_ENV] = folder
+    log.info("LoRA kernel configs: %s", folder or "vLLM's defaults")
+
+
 def scheduler_stats_logger(metrics: InferenceMetrics) -> Any:
     """A vLLM per-engine stat-logger factory that copies the scheduler's gauges into ``metrics``.
 
@@ -160,6 +187,7 @@ def build_engine(settings: InferenceSettings, model_path: str, metrics: Inferenc
     # AsyncLLM.__del__ fails noisily.
     loggers = [scheduler_stats_logger(metrics)] if metrics is not None else None
     mark_replica_process()  # vLLM's processes exit if this one dies without shutting them down
+    use_lora_kernel_configs(settings)
     return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path), stat_loggers=loggers))
 
 

@@ -47,6 +47,14 @@ class InferenceSettings(CommonSettings):
         "when few adapters are in use. None = on with CUDA (H100, Qwen2.5-7B: one adapter 0.67 -> 0.78 of the "
         "base model's throughput, 8 adapters 0.63 -> 0.72; engine start ~1 min longer), off on CPU.",
     )
+    lora_kernel_configs: Literal["packaged", "vllm"] | Path = Field(
+        default="packaged",
+        description="Launch configurations for vLLM's LoRA kernels (Triton shrink/expand), handed to vLLM as "
+        "VLLM_TUNED_CONFIG_FOLDER. 'packaged' = the files shipped in lorafleet_inference/lora_kernel_configs "
+        "(tuned by bench/tune_lora_kernels.py on an H100 80GB HBM3 for Qwen2.5-7B's projections, rank 16, 32 "
+        "slots; other GPUs find no file there and get vLLM's defaults), unless VLLM_TUNED_CONFIG_FOLDER is "
+        "already set; 'vllm' = vLLM's one default for every shape; or a folder of your own tuning.",
+    )
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,

@@ -1,0 +1,283 @@
+"""Tune vLLM's multi-LoRA Triton kernels for one model on this GPU and write the files vLLM reads.
+
+vLLM ships no tuned LoRA kernel configurations ("Using default LoRA kernel configs"): one launch shape serves every
+projection, step size and adapter count. This times each candidate (serving/lora_kernels.py) on the shapes the
+model's projections call, at step sizes from 1 token to a full prefill chunk, with 1, 8 and 32 adapters active in
+max_loras slots, against the default in the same run, and writes the winners as
+``OUT/{gpu}_SHRINK.json`` / ``{gpu}_EXPAND_TRUE.json`` (serve with ``VLLM_TUNED_CONFIG_FOLDER=OUT``) plus
+``tuning.json`` (every time measured) and a table of the LoRA kernel time per engine step.
+
+The calls are vLLM's own (``_lora_shrink`` / ``_lora_expand``, the config lookup swapped for the candidate),
+on metadata built by vLLM's ``LoRAKernelMeta`` with ``specialize_active_lora`` as our replica runs it.
+Times are GPU time: a sleep kernel holds the stream while the launches queue, CUDA events around them; each
+repetition uses another layer's weights so the adapters are not all cache-resident.
+Candidates are compiled first in parallel processes (Triton's disk cache), then timed in this one.
+
+    python bench/tune_lora_kernels.py --out DIR [--model qwen2.5-7b] [--budget-s 420]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from serving.lora_kernels import (
+    MODEL_SHAPES,
+    KernelShape,
+    active_counts,
+    choose,
+    kernel_shapes,
+    space,
+    token_counts,
+    vllm_config_files,
+)
+
+COMPILE_TOKENS = (1, 16)  # the kernels specialize on m's divisibility: one compile for m = 1, one for m % 16 == 0
+
+
+class Case:
+    """Tensors and vLLM kernel metadata for one shape at m tokens with `active` adapters (`layers` weight copies)."""
+
+    def __init__(self, shape: KernelShape, m: int, active: int, max_loras: int, layers: int, device: Any) -> None:
+        import torch
+        from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+        from vllm.lora.utils import get_captured_lora_counts
+
+        self.shape, self.m = shape, m
+        gen = torch.Generator(device=device).manual_seed(m * 131 + active)
+        bf16 = torch.bfloat16
+
+        def rand(*size: int) -> Any:
+            return torch.randn(*size, generator=gen, device=device, dtype=bf16) * 0.05
+
+        if shape.op == "shrink":
+            self.x = rand(m, shape.k)
+            self.out = torch.zeros(shape.slices, m, shape.rank, dtype=torch.float32, device=device)
+            self.weights = [
+                tuple(rand(max_loras, 1, shape.rank, shape.k) for _ in range(shape.slices)) for _ in range(layers)
+            ]
+        else:
+            self.x = torch.randn(shape.slices, m, shape.rank, generator=gen, device=device, dtype=torch.float32)
+            self.out = torch.zeros(m, sum(shape.widths), dtype=bf16, device=device)
+            self.weights = [tuple(rand(max_loras, 1, w, shape.rank) for w in shape.widths) for _ in range(layers)]
+        self.meta = LoRAKernelMeta.make(max_loras, m, device, get_captured_lora_counts(max_loras, True))
+        slots = torch.tensor([i * max_loras // active for i in range(active)], device=device)
+        self.meta.prepare_tensors(slots[torch.arange(m, device=device) * active // m])  # contiguous runs per adapter
+        self.meta_args = self.meta.meta_args(m, True)
+
+    def launch(self, layer: int) -> None:
+        from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op
+
+        weights = list(self.weights[layer % len(self.weights)])
+        if self.shape.op == "shrink":
+            lora_shrink_op._lora_shrink(self.x, weights, self.out, *self.meta_args, 1.0)
+        else:
+            lora_expand_op._lora_expand(self.x, weights, self.out, *self.meta_args, offset_start=0, add_inputs=True)
+
+
+def use_config(op: str, config: dict[str, Any] | None) -> None:
+    """Make vLLM's op launch with `config` (None: its own lookup, i.e. the default here)."""
+    from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op, utils
+
+    module = lora_shrink_op if op == "shrink" else lora_expand_op
+    module.get_lora_op_configs = utils.get_lora_op_configs if config is None else (lambda *a, **k: config)
+
+
+def default_config(shape: KernelShape, m: int, max_loras: int) -> dict[str, Any]:
+    from vllm.lora.ops.triton_ops.utils import get_lora_op_configs
+
+    return dict(
+        get_lora_op_configs(
+            shape.op,
+            max_loras=max_loras + 1,
+            batch=m,
+            hidden_size=shape.k if shape.op == "shrink" else shape.n,
+            rank=shape.rank,
+            num_slices=shape.slices,
+            add_inputs=True if shape.op == "expand" else None,
+        )
+    )
+
+
+def compile_share(args: argparse.Namespace, worker: int, workers: int) -> int:
+    """In a worker process: launch every `workers`-th candidate once per compile variant (fills Triton's cache)."""
+    import torch
+
+    torch.cuda.set_device(0)
+    model = MODEL_SHAPES[args.model]
+    compiled = 0
+    for shape in kernel_shapes(model, args.rank):
+        candidates = space(shape)[worker::workers]
+        for m in COMPILE_TOKENS:
+            case = Case(shape, m, 1, args.max_loras, 1, "cuda")
+            for config in candidates:
+                use_config(shape.op, config)
+                try:
+                    case.launch(0)
+                    compiled += 1
+                except Exception:  # e.g. out of shared memory: timing skips it too
+                    pass
+    torch.cuda.synchronize()
+    return compiled
+
+
+class GpuTimer:
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)
+        start.record()
+        torch.cuda._sleep(2_000_000)
+        end.record()
+        end.synchronize()
+        self.cycles_per_ms = 2_000_000 / start.elapsed_time(end)
+
+    def ms(self, case: Case, reps: int) -> float:
+        """GPU milliseconds per launch: the launches queue behind a sleep long enough to cover their host cost."""
+        torch = self.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(self.cycles_per_ms * 0.15 * reps))  # covers ~150 us of host time per launch
+        start.record()
+        for i in range(reps):
+            case.launch(i)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+
+    def measure(self, case: Case) -> float:
+        case.launch(0)  # loads the compiled kernel
+        self.torch.cuda.synchronize()
+        rough = self.ms(case, 1)
+        return self.ms(case, 10 if rough < 0.3 else 3)
+
+
+def agree(case: Case, config: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Largest difference between the outputs of `config` and `reference`, relative to the reference's size."""
+    outputs = []
+    for c in (reference, config):
+        use_config(case.shape.op, c)
+        case.out.zero_()
+        case.launch(0)
+        outputs.append(case.out.float().clone())
+    scale = float(outputs[0].abs().max()) or 1.0
+    return float((outputs[1] - outputs[0]).abs().max()) / scale
+
+
+def tune(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+    timer = GpuTimer()
+    rows: list[dict[str, Any]] = []
+    # expand first: its grid spans the whole output width for every active adapter, the likelier loser
+    for shape in sorted(kernel_shapes(MODEL_SHAPES[args.model], args.rank), key=lambda s: s.op != "expand"):
+        for m in token_counts(args.max_tokens):
+            if time.monotonic() > deadline:
+                print(f"deadline: stopped before {shape.label} m={m}", file=sys.stderr, flush=True)
+                return rows
+            actives = active_counts(args.actives, m, args.max_loras)
+            cases = {a: Case(shape, m, a, args.max_loras, args.layers, "cuda") for a in actives}
+            default = default_config(shape, m, args.max_loras)
+            use_config(shape.op, None)
+            default_ms = {a: timer.measure(case) for a, case in cases.items()}
+            measured = []
+            for config in space(shape):
+                use_config(shape.op, config)
+                times = {}
+                for a, case in cases.items():
+                    try:
+                        times[a] = timer.measure(case)
+                    except Exception:
+                        break
+                measured.append((config, times))
+            choice = choose(default_ms, measured, default)
+            error = agree(cases[actives[-1]], choice.config, default)
+            rows.append(
+                {
+                    "op": shape.op,
+                    "name": shape.name,
+                    "slices": shape.slices,
+                    "k": shape.k,
+                    "n": shape.n,
+                    "m": m,
+                    "calls_per_layer": shape.calls_per_layer,
+                    "default": default,
+                    "default_ms": default_ms,
+                    "tuned": choice.config,
+                    "tuned_ms": {a: default_ms[a] * r for a, r in choice.ratios.items()},
+                    "kept_default": choice.default,
+                    "relative_error": error,
+                    "candidates": len(measured),
+                }
+            )
+            best = " ".join(
+                f"{a}:{default_ms[a] * 1e3:.0f}->{default_ms[a] * r * 1e3:.0f}us" for a, r in choice.ratios.items()
+            )
+            print(f"{shape.label:16} m={m:<6} {best}  err={error:.1e}", file=sys.stderr, flush=True)
+    return rows
+
+
+def step_table(rows: list[dict[str, Any]], layers: int) -> str:
+    """LoRA kernel milliseconds per engine step (all layers), default vs tuned, by step size and active adapters."""
+    totals: dict[tuple[int, int], list[float]] = {}
+    for row in rows:
+        for a, ms in row["default_ms"].items():
+            acc = totals.setdefault((row["m"], int(a)), [0.0, 0.0, 0])
+            acc[0] += ms * row["calls_per_layer"] * layers
+            acc[1] += row["tuned_ms"][a] * row["calls_per_layer"] * layers
+            acc[2] += 1
+    lines = [
+        "| tokens in step | adapters active | default ms | tuned ms | speed-up |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (m, a), (d, t, _) in sorted(totals.items()):
+        lines.append(f"| {m} | {a} | {d:.2f} | {t:.2f} | {d / t:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-7b")
+    p.add_argument("--rank", type=int, default=16, help="the engine's max_lora_rank (the stacked weights' rank)")
+    p.add_argument("--max-loras", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=16384, help="the largest step (max_num_batched_tokens)")
+    p.add_argument("--actives", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--layers", type=int, default=4, help="weight copies cycled through while timing")
+    p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
+    p.add_argument("--budget-s", type=float, default=420)
+    args = p.parse_args(argv)
+    began = time.monotonic()
+    os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # the default config is the reference
+    import torch
+
+    gpu = torch.cuda.get_device_name()
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        done = sum(pool.map(compile_share, [args] * args.workers, range(args.workers), [args.workers] * args.workers))
+    print(f"compiled {done} kernel variants in {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
+    rows = tune(args, began + args.budget_s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = {(s.op, s.name): s for s in kernel_shapes(MODEL_SHAPES[args.model], args.rank)}
+    chosen = [(shapes[(r["op"], r["name"])], r["m"], r["tuned"]) for r in rows]
+    tuned = {(r["op"], r["name"], r["m"]) for r in rows}
+    for (op, name), shape in shapes.items():  # the deadline's leftovers keep the default (nearest-m would guess)
+        untuned = [m for m in token_counts(args.max_tokens) if (op, name, m) not in tuned]
+        chosen += [(shape, m, default_config(shape, m, args.max_loras)) for m in untuned]
+    for name, data in vllm_config_files(gpu, args.max_loras, chosen).items():
+        (args.out / name).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    table = step_table(rows, MODEL_SHAPES[args.model].layers)
+    summary = {"gpu": gpu, "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.monotonic() - began}
+    (args.out / "tuning.json").write_text(json.dumps(summary | {"rows": rows}, indent=1) + "\n")
+    print(f"{gpu}, rank {args.rank}, max_loras {args.max_loras}, {math.ceil(time.monotonic() - began)} s\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
