@@ -33,8 +33,8 @@ from serving.lora_kernels import (
     MODEL_SHAPES,
     KernelShape,
     active_counts,
-    choose,
     kernel_shapes,
+    pick,
     space,
     token_counts,
     vllm_config_files,
@@ -173,32 +173,44 @@ def agree(case: Case, config: dict[str, Any], reference: dict[str, Any]) -> floa
     return float((outputs[1] - outputs[0]).abs().max()) / scale
 
 
+def measure(timer: GpuTimer, shape: KernelShape, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The default's and every candidate's time for each active-adapter count at m tokens."""
+    actives = active_counts(args.actives, m, args.max_loras)
+    cases = {a: Case(shape, m, a, args.max_loras, args.layers, "cuda") for a in actives}
+    use_config(shape.op, None)
+    default_ms = {a: timer.measure(case) for a, case in cases.items()}
+    measured = []
+    for config in space(shape):
+        use_config(shape.op, config)
+        times = {}
+        for a, case in cases.items():
+            try:
+                times[a] = timer.measure(case)
+            except Exception:  # e.g. out of shared memory
+                break
+        measured.append((config, times))
+    return {
+        "case": cases[actives[-1]],
+        "default": default_config(shape, m, args.max_loras),
+        "ms": default_ms,
+        "measured": measured,
+    }
+
+
 def tune(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
     timer = GpuTimer()
     rows: list[dict[str, Any]] = []
     # expand first: its grid spans the whole output width for every active adapter, the likelier loser
     for shape in sorted(kernel_shapes(MODEL_SHAPES[args.model], args.rank), key=lambda s: s.op != "expand"):
+        by_m: dict[int, dict[str, Any]] = {}
         for m in token_counts(args.max_tokens):
             if time.monotonic() > deadline:
                 print(f"deadline: stopped before {shape.label} m={m}", file=sys.stderr, flush=True)
-                return rows
-            actives = active_counts(args.actives, m, args.max_loras)
-            cases = {a: Case(shape, m, a, args.max_loras, args.layers, "cuda") for a in actives}
-            default = default_config(shape, m, args.max_loras)
-            use_config(shape.op, None)
-            default_ms = {a: timer.measure(case) for a, case in cases.items()}
-            measured = []
-            for config in space(shape):
-                use_config(shape.op, config)
-                times = {}
-                for a, case in cases.items():
-                    try:
-                        times[a] = timer.measure(case)
-                    except Exception:
-                        break
-                measured.append((config, times))
-            choice = choose(default_ms, measured, default)
-            error = agree(cases[actives[-1]], choice.config, default)
+                break
+            by_m[m] = measure(timer, shape, m, args)
+        for m, choice in pick(by_m, args.joint_from).items():
+            d = by_m[m]
+            error = agree(d["case"], choice.config, d["default"])
             rows.append(
                 {
                     "op": shape.op,
@@ -208,19 +220,21 @@ def tune(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
                     "n": shape.n,
                     "m": m,
                     "calls_per_layer": shape.calls_per_layer,
-                    "default": default,
-                    "default_ms": default_ms,
+                    "default": d["default"],
+                    "default_ms": d["ms"],
                     "tuned": choice.config,
-                    "tuned_ms": {a: default_ms[a] * r for a, r in choice.ratios.items()},
+                    "tuned_ms": {a: d["ms"][a] * r for a, r in choice.ratios.items()},
                     "kept_default": choice.default,
                     "relative_error": error,
-                    "candidates": len(measured),
+                    "candidates": len(d["measured"]),
                 }
             )
             best = " ".join(
-                f"{a}:{default_ms[a] * 1e3:.0f}->{default_ms[a] * r * 1e3:.0f}us" for a, r in choice.ratios.items()
+                f"{a}:{d['ms'][a] * 1e3:.0f}->{d['ms'][a] * r * 1e3:.0f}us" for a, r in choice.ratios.items()
             )
             print(f"{shape.label:16} m={m:<6} {best}  err={error:.1e}", file=sys.stderr, flush=True)
+        if time.monotonic() > deadline:
+            break
     return rows
 
 
@@ -253,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4, help="weight copies cycled through while timing")
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
     p.add_argument("--budget-s", type=float, default=420)
+    p.add_argument("--joint-from", type=int, default=512, help="one config for every step of this many tokens or more")
     args = p.parse_args(argv)
     began = time.monotonic()
     os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # the default config is the reference

@@ -142,13 +142,13 @@ def active_counts(wanted: Sequence[int], m: int, max_loras: int) -> list[int]:
 @dataclass(frozen=True)
 class Choice:
     config: dict[str, Any]
-    ratios: dict[int, float]  # active adapters -> tuned time / default time
+    ratios: dict[Any, float]  # active adapters (or (m, active)) -> tuned time / default time
     default: bool  # nothing beat the default by enough
 
 
 def choose(
-    default_ms: dict[int, float],
-    candidates: Iterable[tuple[dict[str, Any], dict[int, float]]],
+    default_ms: dict[Any, float],
+    candidates: Iterable[tuple[dict[str, Any], dict[Any, float]]],
     default_config: dict[str, Any],
     worst_ratio: float = 1.05,
     min_gain: float = 0.03,
@@ -170,6 +170,31 @@ def choose(
     if best is None or best_score > 1.0 - min_gain:
         return Choice(default_config, {a: 1.0 for a in default_ms}, True)
     return best
+
+
+def pick(by_m: dict[int, dict[str, Any]], joint_from: int) -> dict[int, Choice]:
+    """One choice per step size below `joint_from`; one for all from it up, chosen on all of them together.
+
+    ``by_m[m]``: ``ms`` (the default's time per active-adapter count), ``measured`` ([(config, times)], the same
+    candidates in the same order for every m) and ``default`` (the default config).
+
+    Each launch configuration is a separate Triton compilation, made the first time a step of that size comes.
+    Steps up to the CUDA-graph capture size (512) are compiled while graphs are captured at start; larger ones
+    (prefill chunks, any token count) would compile in the middle of serving, once per configuration and per
+    token-count divisibility (m % 16), so they share one configuration, as vLLM's default does."""
+    choices = {m: choose(d["ms"], d["measured"], d["default"]) for m, d in by_m.items() if m < joint_from}
+    joint = [m for m in by_m if m >= joint_from]
+    if joint:
+        default_ms = {(m, a): t for m in joint for a, t in by_m[m]["ms"].items()}
+        candidates = [
+            (config, {(m, a): t for m in joint for a, t in by_m[m]["measured"][i][1].items()})
+            for i, (config, _) in enumerate(by_m[joint[0]]["measured"])
+        ]
+        together = choose(default_ms, candidates, by_m[joint[-1]]["default"])
+        for m in joint:
+            ratios = {a: r for (mm, a), r in together.ratios.items() if mm == m}
+            choices[m] = Choice(together.config, ratios, together.default)
+    return choices
 
 
 def vllm_file_names(gpu_name: str) -> dict[str, str]:

@@ -143,3 +143,27 @@ def test_search_space_leaves_out_only_wasted_splits() -> None:
     assert {c["block_k"] for c in lk.expand_space(8)} == {16}
     assert lk.token_counts(16384)[:3] == [1, 16, 32] and lk.token_counts(16384)[-1] == 16384
     assert lk.active_counts([1, 8, 32], 16, 32) == [1, 8, 16]
+
+
+def test_large_steps_share_one_config_chosen_on_all_of_them() -> None:
+    """Steps past the CUDA-graph sizes compile their config mid-serving: one config for all of them, the one best
+    over all of them together (here b, though a wins at m=1024 alone); smaller steps each get their own."""
+    a, b, c, default = {"block_m": 16}, {"block_m": 32}, {"block_m": 64}, {"block_m": 128}
+
+    def at(default_ms: float, times: list[float]) -> dict[str, Any]:
+        return {
+            "ms": {1: default_ms},
+            "measured": [(cfg, {1: t}) for cfg, t in zip((a, b, c), times, strict=True)],
+            "default": default,
+        }
+
+    by_m = {
+        16: at(10.0, [5.0, 9.0, 9.0]),
+        256: at(10.0, [9.0, 9.0, 4.0]),
+        1024: at(10.0, [6.0, 7.0, 9.0]),
+        16384: at(10.0, [10.4, 6.0, 9.0]),
+    }
+    picked = lk.pick(by_m, 512)
+    assert picked[16].config == a and picked[256].config == c
+    assert picked[1024].config == picked[16384].config == b
+    assert picked[1024].ratios == pytest.approx({1: 0.7}) and picked[16384].ratios == pytest.approx({1: 0.6})
