@@ -11,7 +11,8 @@
 #   bench2048      bench/trainer.py at 2,048 tokens: hf+peft baselines, our loop padded and packed (1-8 packs per
 #                  forward, with and without checkpointing), a 24 GB preset under a 22 GB cap, ablations, QLoRA
 #   seeds-packed   bench/seeds_workload.py: the seeds' job through the worker, packing on, under a 22 GB cap
-#   seeds-default  the same job with our defaults (packing off); stopped after the step that passes its deadline
+#   seeds-default  the same job with our defaults (packing off; cap SEEDS_CAP_GB, default 22); stopped after the step
+#                  that passes its deadline
 #                  (both seeds stages: SEEDS_ARGS=--compile turns training.compile on)
 #   bench512       bench/trainer.py at 512 tokens (only if enough time is left)
 #   profile        (not in the default list) bench/trainer.py --profile at 2,048 tokens on $CASES_PROFILE (default: two
@@ -102,9 +103,9 @@ for stage in ${STAGES//,/ }; do
     seeds-packed) run_stage seeds-packed "${SEEDS_PACKED_LIMIT_S:-130}" python3 bench/seeds_workload.py --model "$MODEL" \
                  --tokenizer-from /tmp/qwen25-tokenizer --packing on --memory-cap-gb 22 --work /tmp/seeds-packed \
                  --deadline-s "${SEEDS_PACKED_DEADLINE_S:-100}" --json-out "$OUT/seeds-packed.json" "${SMOKE_ARGS[@]}" ${SEEDS_ARGS:-} ;;
-    seeds-default) d=$(( $(limit 400 5) - 35 )); [ $d -lt 30 ] && d=30
-               run_stage seeds-default 400 python3 bench/seeds_workload.py --model "$MODEL" \
-                 --tokenizer-from /tmp/qwen25-tokenizer --packing off --memory-cap-gb 22 --work /tmp/seeds-default \
+    seeds-default) d=$(( $(limit "${SEEDS_DEFAULT_LIMIT_S:-400}" 5) - 35 )); [ $d -lt 30 ] && d=30
+               run_stage seeds-default "${SEEDS_DEFAULT_LIMIT_S:-400}" python3 bench/seeds_workload.py --model "$MODEL" \
+                 --tokenizer-from /tmp/qwen25-tokenizer --packing off --memory-cap-gb "${SEEDS_CAP_GB:-22}" --work /tmp/seeds-default \
                  --deadline-s "$d" --json-out "$OUT/seeds-default.json" "${SMOKE_ARGS[@]}" ${SEEDS_ARGS:-} ;;
     bench512) [ "$(left)" -ge 100 ] && run_stage bench512 180 python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 512 \
                  --rows 128 --batch-size 4 --grad-accum 2 --warmup-rows 32 --cases "$CASES_512" \

@@ -116,8 +116,10 @@ class TrainingSpec(BaseModel):
     )
     gradient_checkpointing: bool | None = Field(
         default=None,
-        description="Recompute activations in the backward pass (less memory, ~30% more compute); "
-        "null = on with a CUDA GPU, off on CPU.",
+        description="Recompute activations in the backward pass (less memory, ~30% more compute); null = off on "
+        "CPU; on a CUDA GPU a memory probe (one forward and backward pass of the job's largest micro-batch before "
+        "the first step) turns it on only if that micro-batch does not fit in 90% of the memory the process can "
+        "reach without it.",
     )
     compile: bool = Field(
         default=False,

@@ -3,8 +3,8 @@
 fp32 on CPU, bf16 on CUDA (or a 4-bit NF4 base: QLoRA). Batches are padded to their
 longest row and grouped by length so little padding is computed, or, with
 ``training.packing``, rows share sequences without seeing each other (packing.py).
-Gradient checkpointing is on by default with a GPU. The loss is the mean over every
-trained token of the optimizer step (not a mean of per-batch means), so the
+Gradient checkpointing is on with a GPU if a memory probe finds it needed (memory_probe.py). The loss is
+the mean over every trained token of the optimizer step (not a mean of per-batch means), so the
 result does not depend on how rows fall into batches, nor on how many processes share the step
 (data parallel, distributed.py: each rank takes every N-th micro-batch of the step, and the gradients
 are summed across ranks before the optimizer step).
@@ -31,6 +31,13 @@ from lorafleet_trainer.compiled_layers import CompiledLayers, compiled_layers, r
 from lorafleet_trainer.distributed import Ranks
 from lorafleet_trainer.lm_loss import lm_head_loss_sum
 from lorafleet_trainer.manifest import TrainingSpec
+from lorafleet_trainer.memory_probe import (
+    CheckpointingDecision,
+    decide_gradient_checkpointing,
+    peak_allocated_bytes,
+    synthetic_micro_batch,
+    worst_case_shape,
+)
 from lorafleet_trainer.model_loading import (  # noqa: F401  (re-exported: callers load models through train_loop)
     QuantizationUnavailable,
     add_lora,
@@ -73,6 +80,7 @@ class TrainSummary:
     trained_tokens: int
     seconds: float
     device: str
+    gradient_checkpointing: bool = False
 
 
 def restore_rng(resume: LoopState, rank: int, device: torch.device) -> None:
@@ -164,7 +172,7 @@ def collate_padded(rows: list[TokenizedExample], pad_id: int, device: torch.devi
 
 
 def gradient_checkpointing_wanted(training: TrainingSpec, device: torch.device) -> bool:
-    """The manifest's choice; unset means on with a GPU (memory-bound) and off on CPU (compute-bound)."""
+    """The manifest's choice, without a memory probe (benchmarks): unset means on with a GPU, off on CPU."""
     if training.gradient_checkpointing is None:
         return device.type == "cuda"
     return training.gradient_checkpointing
@@ -179,6 +187,36 @@ def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
     # variant would take as "nothing to backpropagate"; the input hook covers PEFT's frozen embeddings.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+
+
+def worst_case_backward(
+    model: Any, shape: tuple[int, int], training: TrainingSpec, pad_id: int, device: torch.device
+) -> None:
+    """The memory probe's pass: a synthetic micro-batch of ``shape`` (memory_probe.worst_case_shape) forward and
+    backward through micro_batch_backward, the loop's own path, without checkpointing."""
+    sequences, tokens = shape
+    if sequences == 0:
+        return
+    set_gradient_checkpointing(model, False)
+    width = tokens if training.packing else None
+    micro_batch_backward(model, synthetic_micro_batch(shape, pad_id), sequences * tokens, pad_id, device, width=width)
+
+
+def gradient_checkpointing_decision(
+    model: Any, lengths: Sequence[int], training: TrainingSpec, pad_id: int, device: torch.device, ranks: Ranks
+) -> CheckpointingDecision:
+    """Checkpointing as the manifest sets it or, unset on CUDA, as the memory probe finds it needed for the job's
+    largest micro-batch."""
+    shape = worst_case_shape(lengths, training)
+    run = functools.partial(worst_case_backward, model, shape, training, pad_id, device)
+    return decide_gradient_checkpointing(
+        model,
+        training,
+        device,
+        lambda: peak_allocated_bytes(device, run),
+        ranks=ranks,
+        workload=f"{shape[0]} x {shape[1]} tokens",
+    )
 
 
 def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +311,7 @@ def train(
     on_checkpoint: Callable[[LoopState], None] | None = None,
     ranks: Ranks | None = None,
     compile_backend: str | Callable[..., Any] = "inductor",
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainSummary:
     """Train ``model``'s LoRA weights in place and report every optimizer step.
 
@@ -283,7 +322,8 @@ def train(
     holds live optimizer tensors.
 
     With ``ranks`` (data parallel) every rank calls this with the same rows and manifest; each computes its
-    share of every step and all end with the same weights. Only rank 0 gets ``on_step`` and ``on_checkpoint``.
+    share of every step and all end with the same weights. Only rank 0 gets ``on_step``, ``on_checkpoint`` and
+    ``on_note`` (a line for the job's events: whether gradient checkpointing is on, and why: memory_probe.py).
 
     ``training.compile`` runs the decoder layers compiled by ``compile_backend`` (compiled_layers.py). The loss
     stays on the device until the step ends: one host read per optimizer step, none per micro-batch.
@@ -307,7 +347,10 @@ def train(
         first_epoch, first_group = resume.epoch, resume.group
         restore_rng(resume, ranks.rank, device)  # LoRA dropout draws continue where they stopped
     ranks.copy_from_main(params)  # the replicas start identical (they are, seeded; this makes sure)
-    set_gradient_checkpointing(model, gradient_checkpointing_wanted(training, device))
+    checkpointing = gradient_checkpointing_decision(model, lengths, training, pad_id, device, ranks)
+    set_gradient_checkpointing(model, checkpointing.enabled)
+    if ranks.is_main and on_note is not None:
+        on_note(checkpointing.describe())
     layers = compiled_layers(model, packed=training.packing, backend=compile_backend) if training.compile else None
     model.train()
     first_step = step
@@ -387,4 +430,5 @@ def train(
                 if ranks.is_main and on_checkpoint is not None:
                     on_checkpoint(state)
                 last_checkpoint = time.monotonic()
-    return TrainSummary(loss_value, step, trained, seconds_before + time.monotonic() - began, device.type)
+    seconds = seconds_before + time.monotonic() - began
+    return TrainSummary(loss_value, step, trained, seconds, device.type, checkpointing.enabled)

@@ -260,6 +260,7 @@ def _train_and_publish(
             resume=resume_from,
             on_checkpoint=on_checkpoint,
             ranks=ranks,
+            on_note=events.log,
         )
 
     try:
@@ -277,6 +278,7 @@ def _train_and_publish(
         "trained_tokens": summary.trained_tokens,
         "train_seconds": round(summary.seconds, 2),
         "device": summary.device,
+        "gradient_checkpointing": summary.gradient_checkpointing,
         "devices": ranks.world_size,
         "training_rows": len(data.examples),
         "rows_dropped": data.dropped,
