@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,38 @@ def chat_rows(model_path: Path, pairs: list[tuple[str, str]], system: str = "Be 
 
     chat = ChatTokenizer(AutoTokenizer.from_pretrained(model_path))
     return [chat.encode((Message("user", q), Message("assistant", a)), system) for q, a in pairs]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: the machine is shared, and two OpenMP threads wait on each other at every
+    small op of a tiny model."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_tiny_qwen2(folder: Path, layers: int) -> Path:
+    """A randomly initialised Qwen2 with Qwen2.5's module names and grouped-query attention, a few KB of weights."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 def lora_model_with_random_b(model_path: Path, dropout: float) -> Any:

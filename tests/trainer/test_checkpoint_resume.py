@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +109,6 @@ def test_checkpoint_cadence() -> None:
     assert checkpoint_due(3, 4, 1.0, 60.0) and not checkpoint_due(3, 4, 1.0, 59.0)
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def seed_examples(embedded_model_path: Path) -> tuple[list[TokenizedExample], int]:
     from transformers import AutoTokenizer
@@ -133,7 +124,7 @@ def test_the_loop_resumes_exactly(
     tmp_path: Path,
     embedded_model_path: Path,
     seed_examples: tuple[list[TokenizedExample], int],
-    one_torch_thread: None,
+    one_thread: None,
 ) -> None:
     """Uninterrupted vs. resumed from the end-of-epoch checkpoint: the same losses and weights (dropout on)."""
     examples, pad_id = seed_examples

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 from tests.trainer.host_reads import HostReadCounter
 
-from .conftest import assert_same, lora_model_with_random_b, loss_and_grads
+from .conftest import assert_same, lora_model_with_random_b, loss_and_grads, write_tiny_qwen2
 
 CPU = torch.device("cpu")
 WIDTH = 64  # packed micro-batches' fixed width (max_length)
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -105,33 +104,9 @@ def reference_kernel(
     return varlen_reference(q, k, v, cu, longest, scale)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: two OpenMP threads wait on each other at every small op
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised Qwen2 with Qwen2.5's module names and grouped-query attention, a few KB of weights."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    config = Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    return folder
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), layers=3)
 
 
 def make_rows(lengths: list[int], seed: int) -> list[TokenizedExample]:

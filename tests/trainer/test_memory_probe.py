@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +25,11 @@ from lorafleet_trainer.memory_probe import (
 )
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
-from .conftest import lora_model_with_random_b
+from .conftest import lora_model_with_random_b, write_tiny_qwen2
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # the decision probes on CUDA only; these tests inject the measurement
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: two OpenMP threads wait on each other at every small op
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model() -> torch.nn.Module:
@@ -157,22 +149,7 @@ def test_checkpointing_goes_on_for_every_rank_if_any_rank_needs_it(unused_port: 
 @pytest.fixture(scope="module")
 def lora_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A randomly initialised tiny Qwen2 (Qwen2.5's module names) with LoRA dropout: a pass draws from the RNG."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    config = Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    return lora_model_with_random_b(folder, dropout=0.1)
+    return lora_model_with_random_b(write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), layers=2), dropout=0.1)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
