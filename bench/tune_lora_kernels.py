@@ -38,6 +38,7 @@ from serving.lora_kernels import (
     space,
     token_counts,
     vllm_config_files,
+    vllm_lookup_args,
 )
 
 COMPILE_TOKENS = (1, 16)  # the kernels specialize on m's divisibility: one compile for m = 1, one for m % 16 == 0
@@ -94,17 +95,7 @@ def use_config(op: str, config: dict[str, Any] | None) -> None:
 def default_config(shape: KernelShape, m: int, max_loras: int) -> dict[str, Any]:
     from vllm.lora.ops.triton_ops.utils import get_lora_op_configs
 
-    return dict(
-        get_lora_op_configs(
-            shape.op,
-            max_loras=max_loras + 1,
-            batch=m,
-            hidden_size=shape.k if shape.op == "shrink" else shape.n,
-            rank=shape.rank,
-            num_slices=shape.slices,
-            add_inputs=True if shape.op == "expand" else None,
-        )
-    )
+    return dict(get_lora_op_configs(**vllm_lookup_args(shape, m, max_loras)))
 
 
 def compile_share(args: argparse.Namespace, worker: int, workers: int) -> int:
@@ -243,15 +234,14 @@ def step_table(rows: list[dict[str, Any]], layers: int) -> str:
     totals: dict[tuple[int, int], list[float]] = {}
     for row in rows:
         for a, ms in row["default_ms"].items():
-            acc = totals.setdefault((row["m"], int(a)), [0.0, 0.0, 0])
+            acc = totals.setdefault((row["m"], int(a)), [0.0, 0.0])
             acc[0] += ms * row["calls_per_layer"] * layers
             acc[1] += row["tuned_ms"][a] * row["calls_per_layer"] * layers
-            acc[2] += 1
     lines = [
         "| tokens in step | adapters active | default ms | tuned ms | speed-up |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (m, a), (d, t, _) in sorted(totals.items()):
+    for (m, a), (d, t) in sorted(totals.items()):
         lines.append(f"| {m} | {a} | {d:.2f} | {t:.2f} | {d / t:.2f}x |")
     return "\n".join(lines)
 

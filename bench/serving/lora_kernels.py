@@ -71,6 +71,20 @@ def kernel_shapes(model: ModelShape, rank: int) -> list[KernelShape]:
     ]
 
 
+def vllm_lookup_args(shape: KernelShape, m: int, max_loras: int) -> dict[str, Any]:
+    """The arguments lora_shrink_op / lora_expand_op pass to vLLM's get_lora_op_configs for this call
+    (max_loras + 1 rows: slot -1, "no adapter", has its own)."""
+    return {
+        "op_type": shape.op,
+        "max_loras": max_loras + 1,
+        "batch": m,
+        "hidden_size": shape.k if shape.op == "shrink" else shape.n,
+        "rank": shape.rank,
+        "num_slices": shape.slices,
+        "add_inputs": True if shape.op == "expand" else None,
+    }
+
+
 def shrink_space(k: int, rank: int) -> list[dict[str, Any]]:
     """Shrink candidates: x is read once per slice, so the split of k (split_k x block_k) sets the parallelism
     for small m and the tile height (block_m) the number of programs for large m. Left out: splits whose chunks

@@ -48,18 +48,7 @@ def vllm_lookup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def engine_asks(lookup: Any, shape: Any, m: int, max_loras: int) -> dict[str, Any]:
-    """The call lora_shrink_op / lora_expand_op make (max_loras + 1 rows: slot -1 is 'no adapter')."""
-    return dict(
-        lookup(
-            shape.op,
-            max_loras=max_loras + 1,
-            batch=m,
-            hidden_size=shape.k if shape.op == "shrink" else shape.n,
-            rank=shape.rank,
-            num_slices=shape.slices,
-            add_inputs=True if shape.op == "expand" else None,
-        )
-    )
+    return dict(lookup(**lk.vllm_lookup_args(shape, m, max_loras)))
 
 
 def test_written_files_are_what_vllm_reads(tmp_path: Path, vllm_lookup: Any, monkeypatch: pytest.MonkeyPatch) -> None:

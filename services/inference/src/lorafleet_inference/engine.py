@@ -135,8 +135,8 @@ def use_lora_kernel_configs(settings: InferenceSettings, environ: MutableMapping
     """Point vLLM at the tuned configs. vLLM reads the variable in its engine process, which inherits this
     process's environment when it starts, so this runs before the engine is built.
 
-    H100, Qwen2.5-7B, rank 16, 32 slots: the LoRA kernels of a 16k-token step take 71 ms instead of 105 with one
-    adapter active and 134 instead of 337 with 32 (docs/benchmarks.md, "LoRA kernel configurations")."""
+    H100, Qwen2.5-7B, rank 16, 32 slots: the LoRA kernels of a 16k-token step take 86 ms instead of 105 with one
+    adapter active and 163 instead of 337 with 32 (docs/benchmarks.md, "LoRA kernel configurations")."""
     folder = lora_kernel_config_folder(settings, environ)
     if folder is None:
         environ.pop(TUNED_CONFIG_ENV, None)
