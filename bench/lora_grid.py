@@ -21,6 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services" / "inference" / "src"))
+PACKAGED_CONFIGS = ROOT / "services" / "inference" / "src" / "lorafleet_inference" / "lora_kernel_configs"
 
 from serving.lora_kernels import MODEL_SHAPES, active_counts, kernel_shapes  # noqa: E402
 from tune_lora_kernels import Case, GpuTimer  # noqa: E402
@@ -57,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     began = time.monotonic()
     from lorafleet_inference import lora_grid
-    from lorafleet_inference.engine import PACKAGED_LORA_KERNEL_CONFIGS
 
-    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_LORA_KERNEL_CONFIGS)
+    # the replica's packaged files (engine.PACKAGED_LORA_KERNEL_CONFIGS; the engine module needs the service's deps)
+    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_CONFIGS)
     import torch
 
     tight = lora_grid.TightGrid()
