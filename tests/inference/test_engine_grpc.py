@@ -36,7 +36,6 @@ from lorafleet_inference.main import InferenceApp, build_service, start
 from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.settings import InferenceSettings
-from lorafleet_inference.warmup import WARMUP_LORA_ID, WARMUP_NAME, warm_up_lora
 from tests.conftest import free_port
 from tests.inference.inference_helpers import PROJECTIONS, cpu_replica_settings, publish, write_adapter_dir
 
@@ -121,8 +120,7 @@ async def replica(
 ) -> AsyncIterator[Replica]:
     home = tmp_path_factory.mktemp("inference-home")
     (home / "models").symlink_to(model_cache_dir)  # the restarted process reuses the prepared embedded model
-    # with the LoRA warm-up the GPU runs: every test below also checks it left nothing behind
-    settings = cpu_replica_settings(home, metrics_port=free_port(), drain_timeout_s=30, lora_warmup=True)
+    settings = cpu_replica_settings(home, metrics_port=free_port(), drain_timeout_s=30)
     started = time.monotonic()
     app = await start(settings, model_path=str(embedded_model_path))
     print(f"engine start-up: {time.monotonic() - started:.1f} s")
@@ -244,19 +242,6 @@ async def test_adapter_changes_the_output_and_applies_its_system_prompt(
     messages = [{"role": m.role, "content": m.content} for m in own]
     assert chunks[-1].usage.prompt_tokens == len(renderer.encode_chat(messages, "You are Zed, a pirate."))
     assert chunks[-1].usage.prompt_tokens == len(renderer.encode_chat(messages))
-
-
-async def test_lora_warm_up_ran_and_left_no_adapter(replica: Replica) -> None:
-    app = replica.app
-    assert app.lora_warmed_up is True and app.engine is not None
-    engine: Any = app.engine
-    assert WARMUP_LORA_ID not in await engine.list_loras()
-    stats = await replica.stub.Stats(pb.StatsRequest(), timeout=5)
-    assert not [a for a in (*stats.loaded_adapters, *stats.gpu_adapters) if WARMUP_NAME in a]
-    # a warm-up that cannot run (no model config to shape the adapter by): logged, False, and the engine serves on
-    assert await warm_up_lora(app.engine, str(replica.model_path / "missing"), 8, 256, timeout_s=60) is False
-    chunks = await collect(replica.stub, pb.GenerateRequest(prompt="Hello", sampling=GREEDY))
-    assert chunks[-1].usage.completion_tokens > 0
 
 
 async def test_load_list_stats_unload(replica: Replica, peft_adapter: Path) -> None:

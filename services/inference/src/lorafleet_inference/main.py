@@ -25,14 +25,13 @@ from lorafleet_common.embedded_model import resolve_base_model
 from lorafleet_common.logs import configure_logging
 from lorafleet_common.store import ObjectStore
 from lorafleet_inference.adapters import AdapterManager
-from lorafleet_inference.engine import Engine, on_cuda, start_engine
+from lorafleet_inference.engine import Engine, start_engine
 from lorafleet_inference.grpc_server import InferenceServicer, build_server, set_serving
 from lorafleet_inference.merge import MergePolicy
 from lorafleet_inference.metrics import InferenceMetrics, serve_metrics
 from lorafleet_inference.prompts import PromptRenderer
 from lorafleet_inference.service import InferenceService
 from lorafleet_inference.settings import InferenceSettings
-from lorafleet_inference.warmup import warm_up_lora
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,6 @@ class InferenceApp:
     engine: Engine | None = None
     service: InferenceService | None = None
     metrics_server: Any = None
-    lora_warmed_up: bool | None = None  # None: no warm-up asked for (warmup.py)
     engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
     _watchdog: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
@@ -165,10 +163,6 @@ async def start(settings: InferenceSettings, model_path: str | None = None) -> I
         store = settings.open_store()
         renderer = await asyncio.to_thread(PromptRenderer.from_pretrained, model_path)
         app.engine = await start_engine(settings, model_path, metrics)
-        if settings.lora_warmup if settings.lora_warmup is not None else on_cuda():
-            app.lora_warmed_up = await warm_up_lora(
-                app.engine, model_path, settings.max_lora_rank, settings.max_model_len, settings.load_timeout_s
-            )
         app.service = build_service(settings, app.engine, renderer, store, metrics)
         await app.service.adapters.preload(settings.pinned_adapters)
     except BaseException:

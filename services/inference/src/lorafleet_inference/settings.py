@@ -55,12 +55,6 @@ class InferenceSettings(CommonSettings):
         "slots; other GPUs find no file there and get vLLM's defaults), unless VLLM_TUNED_CONFIG_FOLDER is "
         "already set; 'vllm' = vLLM's one default for every shape; or a folder of your own tuning.",
     )
-    lora_warmup: bool | None = Field(
-        default=None,
-        description="Before reporting SERVING, run one long prompt through an all-zero adapter (removed "
-        "afterwards), so the LoRA kernels' prefill variants are compiled before traffic instead of by the first "
-        "long LoRA request (warmup.py). None = on with CUDA, off on CPU (no kernels to compile there).",
-    )
     lora_tight_grid: bool = Field(
         default=True,
         description="On CUDA, launch vLLM's LoRA kernels over the tokens each adapter has in a step instead of "
