@@ -14,6 +14,7 @@ from lorafleet_trainer import train_loop
 from lorafleet_trainer.attention import VARLEN_ATTENTION, enable_varlen_attention, kernel_works, torch_varlen_kernel
 from lorafleet_trainer.lm_loss import lm_head_loss_sum
 from lorafleet_trainer.lora_forward import set_lean_lora_forward, uses_lean_lora_forward
+from lorafleet_trainer.lora_groups import group_lora_projections, ungroup_lora_projections
 from lorafleet_trainer.tokenize import TokenizedExample
 
 from .conftest import assert_same, chat_rows, lora_model_with_random_b, loss_and_grads
@@ -37,6 +38,7 @@ def test_the_lean_lora_forward_trains_exactly_like_peft_s_own(
     model: Any, rows: list[TokenizedExample], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert uses_lean_lora_forward(model)  # load_lora_model turns it on
+    ungroup_lora_projections(model)  # q and v would run as one group (test_lora_groups.py): each layer alone here
     fused_calls = []
     addmm = torch.addmm
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: fused_calls.append(1) or addmm(*a, **k))
@@ -52,6 +54,7 @@ def test_the_lean_lora_forward_trains_exactly_like_peft_s_own(
         assert lean[0] != pytest.approx(loss_and_grads(model, batch, seed=1)[0], rel=1e-6)  # the control: dropout
     finally:
         set_lean_lora_forward(model, True)
+        group_lora_projections(model)
         model.eval()
 
 

@@ -1,5 +1,5 @@
 """The base model with a fresh LoRA adapter, as a job trains it: bf16 on CUDA (or a 4-bit NF4 base: QLoRA), fp32
-elsewhere; flash or varlen attention for packed rows on CUDA; the lean LoRA forward."""
+elsewhere; flash or varlen attention for packed rows on CUDA; the lean LoRA forward and projection groups."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from lorafleet_trainer.attention import enable_varlen_attention
 from lorafleet_trainer.lora_forward import set_lean_lora_forward
+from lorafleet_trainer.lora_groups import group_lora_projections
 from lorafleet_trainer.manifest import LoraSpec
 
 
@@ -83,6 +84,7 @@ def add_lora(model: Any, lora: LoraSpec, seed: int) -> Any:
     torch.manual_seed(seed)  # LoRA A is initialised at random
     peft_model = get_peft_model(model, config)
     set_lean_lora_forward(peft_model)  # lora_forward.py: PEFT's fp32 detour costs more than the base matmuls
+    group_lora_projections(peft_model)  # lora_groups.py: q/k/v and gate/up as one GEMM each, the update inside
     return peft_model
 
 
