@@ -5,7 +5,7 @@
 #   gpu-bundle/tokenizer   qwen25-tokenizer.tar.xz (tokenizer.json + tokenizer_config.json, bench/serving/model.py)
 #
 #   bash bench/gpu_train_device.sh [--budget-s 525] [--stages bench2048,seeds-packed,seeds-default,bench512]
-#   bash bench/gpu_train_device.sh --stages profile,bench2048   # with CASES_2048=... (see docs/benchmarks.md)
+#   bash bench/gpu_train_device.sh --stages profile,bench2048   # with CASES_2048=..., BENCH2048_LIMIT_S=270 (docs/benchmarks.md)
 #
 # Stages, in the order given, each under a time limit that leaves the later ones their share of the budget:
 #   bench2048      bench/trainer.py at 2,048 tokens: hf+peft baselines, our loop padded and packed (1-8 packs per
@@ -15,6 +15,8 @@
 #                  that passes its deadline
 #                  (both seeds stages: SEEDS_ARGS=--compile turns training.compile on)
 #   bench512       bench/trainer.py at 512 tokens (only if enough time is left)
+#   graph-breaks   (not in the default list) bench/graph_breaks.py: dynamo's graphs and graph breaks in the compiled
+#                  decoder layers on this torch, per LoRA code path (a tiny model: seconds)
 #   profile        (not in the default list) bench/trainer.py --profile at 2,048 tokens on $CASES_PROFILE (default: two
 #                  packs per forward, eager and +compile): wall vs host issue vs GPU kernel time per micro-batch, top
 #                  kernels, host-device syncs; compile time of +compile cases ($COMPILE_BACKEND, default inductor)
@@ -94,9 +96,10 @@ CASES_PROFILE="${CASES_PROFILE:-ours packed x2,ours packed x2 +compile}"
 COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
 for stage in ${STAGES//,/ }; do
   case $stage in
-    bench2048) run_stage bench2048 270 python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 --rows 96 \
+    bench2048) run_stage bench2048 "${BENCH2048_LIMIT_S:-270}" python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 --rows 96 \
                  --batch-size 2 --grad-accum 4 --warmup-rows 32 --cases "$CASES_2048" --compile-backend "$COMPILE_BACKEND" \
                  --json-out "$OUT/bench2048.json" "${SMOKE_ARGS[@]}" ;;
+    graph-breaks) run_stage graph-breaks 120 python3 bench/graph_breaks.py ;;
     profile) run_stage profile "${PROFILE_LIMIT_S:-240}" python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 \
                  --rows 48 --batch-size 2 --grad-accum 4 --warmup-rows 16 --no-check --cases "$CASES_PROFILE" --profile \
                  --compile-backend "$COMPILE_BACKEND" --json-out "$OUT/profile.json" "${SMOKE_ARGS[@]}" ;;

@@ -9,7 +9,8 @@ warm-up, a fresh AdamW for each case. A case is named by words (``--cases``, com
                     (the usual transformers recipe: the vocabulary projection on every position), PEFT's own
                     LoRA forward, sdpa with the padding mask, torch's default AdamW
   ours              ``train_loop.train``, the code a job runs: length-grouped padded batches, the vocabulary
-                    projection on labelled positions only (in chunks), the lean LoRA forward, fused AdamW
+                    projection on labelled positions only (in chunks), the lean LoRA forward with projection
+                    groups, fused AdamW
   packed            ``training.packing``: rows packed into sequences of --seq-len tokens, no attention across
                     rows (CUDA: torch's varlen flash attention when this torch has it, else sdpa and a 4D mask)
   xN                N rows (padded) or N packs (packed) per forward instead of --batch-size / --packed-batch-size
@@ -18,6 +19,10 @@ warm-up, a fresh AdamW for each case. A case is named by words (``--cases``, com
   capN              the CUDA caching allocator capped at N GB (10^9 bytes) for the case: it fails rather than
                     use more, so a case that runs is shown to fit (e.g. a 24 GB card's budget: cap22)
   peft-fwd, mask    ablations of ours: PEFT's own LoRA forward; sdpa with the 4D mask instead of varlen
+  nogroup           ablation of ours: each LoRA layer through the lean forward alone, no projection groups
+                    (lora_groups.py: q/k/v and gate/up as one augmented GEMM each)
+  nofuse            ablation of ours: lean layers without the fused backward (lora_forward.py's ``_LoraLinear``);
+                    ``nogroup nofuse`` is the loop as it was before both
   +compile          ``training.compile``: the decoder layers through torch.compile (--compile-backend, default
                     inductor); the warm-up epoch then runs on all rows, so that it compiles every shape the timed
                     epoch meets, and the compilation's own time is reported (compile_s, graphs)
@@ -68,15 +73,18 @@ from training.random_weights import random_weights
 
 from lorafleet_trainer import train_loop
 from lorafleet_trainer.attention import VARLEN_ATTENTION
-from lorafleet_trainer.compiled_layers import CompiledLayers, compiled_layers
-from lorafleet_trainer.lora_forward import set_lean_lora_forward
+from lorafleet_trainer.compiled_layers import CACHE_ATTRIBUTE, CompiledLayers, compiled_layers
+from lorafleet_trainer.lora_forward import set_fused_lora_backward, set_lean_lora_forward
+from lorafleet_trainer.lora_groups import group_lora_projections, ungroup_lora_projections, uses_lora_groups
 from lorafleet_trainer.manifest import LoraSpec, TrainingSpec
 from lorafleet_trainer.tokenize import IGNORE_INDEX, TokenizedExample
 
 DEFAULT_CASES = ["hf+peft", "hf+peft +gc", "ours", "ours +gc", "ours packed", "ours packed +gc"]
 # dynamo's timers that add up to compilation: tracing and forward compilation, and backward graphs compiled lazily
 COMPILE_METRICS = ("_compile.compile_inner", "backward._backward_impl")
-CASE_WORDS = re.compile(r"^(hf\+peft|ours)((?: (?:packed|x\d+|\+gc|\+compile|nf4|cap\d+(?:\.\d+)?|peft-fwd|mask))*)$")
+CASE_WORDS = re.compile(
+    r"^(hf\+peft|ours)((?: (?:packed|x\d+|\+gc|\+compile|nf4|cap\d+(?:\.\d+)?|peft-fwd|mask|nogroup|nofuse))*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class Case:
     peft_forward: bool
     mask: bool
     compile: bool = False
+    groups: bool = True
+    fused_backward: bool = True
 
     @property
     def baseline(self) -> str:
@@ -103,12 +113,12 @@ def parse_case(name: str) -> Case:
     if not match:
         raise SystemExit(
             f"unknown case {name!r}: 'hf+peft' or 'ours', then any of packed, xN, +gc, +compile, nf4, capN, "
-            "peft-fwd, mask"
+            "peft-fwd, mask, nogroup, nofuse"
         )
     words = match.group(2).split()
     ours = match.group(1) == "ours"
-    if not ours and {"packed", "peft-fwd", "mask", "+compile"} & set(words):
-        raise SystemExit(f"case {name!r}: packed, +compile, peft-fwd and mask are variants of 'ours'")
+    if not ours and {"packed", "peft-fwd", "mask", "+compile", "nogroup", "nofuse"} & set(words):
+        raise SystemExit(f"case {name!r}: packed, +compile, peft-fwd, mask, nogroup, nofuse are variants of 'ours'")
     sizes = [int(w[1:]) for w in words if w.startswith("x")]
     caps = [float(w[3:]) for w in words if w.startswith("cap")]
     return Case(
@@ -122,6 +132,8 @@ def parse_case(name: str) -> Case:
         peft_forward="peft-fwd" in words,
         mask="mask" in words,
         compile="+compile" in words,
+        groups="nogroup" not in words and "peft-fwd" not in words,
+        fused_backward="nofuse" not in words,
     )
 
 
@@ -214,18 +226,27 @@ def memory_cap(device: torch.device, cap_gb: float | None) -> Any:
 
 
 @contextlib.contextmanager
-def plain_peft(model: Any, lora_forward: bool, attention: bool) -> Any:
-    """PEFT's own LoRA forward and/or sdpa with explicit masks, for the baseline and the ablations."""
+def plain_peft(model: Any, lora_forward: bool, attention: bool, groups: bool = False, fused: bool = True) -> Any:
+    """PEFT's own LoRA forward and/or sdpa with explicit masks, for the baseline and the ablations; the projection
+    groups only where ``groups`` (and not with PEFT's forward), the lean layers' fused backward only where ``fused``."""
     base = model.get_base_model()
     implementation = str(base.config._attn_implementation)
+    grouped = uses_lora_groups(model)
+    if grouped and (lora_forward or not groups):
+        ungroup_lora_projections(model)
     if lora_forward:
         set_lean_lora_forward(model, False)
+    set_fused_lora_backward(model, fused)
     if attention and implementation == VARLEN_ATTENTION:
         base.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        set_lean_lora_forward(model, True)
+        set_fused_lora_backward(model, True)
+        if lora_forward:
+            set_lean_lora_forward(model, True)
+        if grouped and not uses_lora_groups(model):
+            group_lora_projections(model)
         if base.config._attn_implementation != implementation:
             base.set_attn_implementation(implementation)
 
@@ -275,6 +296,17 @@ def case_training(case: Case, args: argparse.Namespace) -> TrainingSpec:
     )
 
 
+def fresh_compilation_for_variant(model: Any, case: Case) -> None:
+    """A +compile case whose LoRA code path differs from the last compiled one's starts from nothing: dynamo does not
+    guard the modules' plain attributes (the ablations' switches), so it would reuse the other path's graphs."""
+    variant = (case.peft_forward, case.groups, case.fused_backward, case.mask)
+    base = model.get_base_model()
+    if base.__dict__.get("_bench_compiled_variant", variant) != variant:
+        torch._dynamo.reset()
+        base.__dict__.pop(CACHE_ATTRIBUTE, None)  # compiled_layers.py's per-model cache
+    base.__dict__["_bench_compiled_variant"] = variant
+
+
 def case_epoch(case: Case, model: Any, args: argparse.Namespace) -> Callable[[list[TokenizedExample]], None]:
     if not case.ours:
         batch_size = case.per_forward or args.batch_size
@@ -286,9 +318,13 @@ def case_epoch(case: Case, model: Any, args: argparse.Namespace) -> Callable[[li
 
         return hf_epoch
     training = case_training(case, args)
+    if case.compile:
+        fresh_compilation_for_variant(model, case)
 
     def our_epoch(data: list[TokenizedExample]) -> None:
-        with plain_peft(model, lora_forward=case.peft_forward, attention=case.mask):
+        with plain_peft(
+            model, lora_forward=case.peft_forward, attention=case.mask, groups=case.groups, fused=case.fused_backward
+        ):
             train_loop.train(
                 model,
                 data,
@@ -320,7 +356,9 @@ def profile_case(case: Case, model: Any, rows: list[TokenizedExample], args: arg
     if not case.ours:
         return {"error": "only 'ours' cases are profiled"}
     try:
-        with plain_peft(model, lora_forward=case.peft_forward, attention=case.mask):
+        with plain_peft(
+            model, lora_forward=case.peft_forward, attention=case.mask, groups=case.groups, fused=case.fused_backward
+        ):
             return profile_micro_batches(
                 model, rows, case_training(case, args), args.pad_id, args.device, compile_backend=args.compile_backend
             )

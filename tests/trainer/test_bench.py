@@ -7,12 +7,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = ["hf+peft", "hf+peft +gc", "ours", "ours +gc", "ours packed", "ours packed +gc", "ours packed x2 peft-fwd"]
-CASES += ["ours packed +compile"]  # aot_eager here: inductor's C++ compilation takes minutes on this CPU
+CASES += ["ours packed nogroup nofuse", "ours packed +compile"]  # +compile: aot_eager here (inductor: minutes on a CPU)
 PROFILED = ["ours packed", "ours packed +compile"]
 pytestmark = pytest.mark.timeout(900)
 
@@ -86,3 +87,26 @@ def test_seeds_workload_smoke(tmp_path: Path, embedded_model_path: Path) -> None
     assert phases["total"] >= phases["training"] + phases["model build"]
     assert {"adapter_model.safetensors", "adapter_config.json", "metadata.json"} <= set(job["adapter_files"])
     assert "phase (seconds)" in result.stdout and "published" in result.stdout
+
+
+def test_graph_breaks_bench_sees_none_in_our_lora_paths_and_sees_one_put_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from lorafleet_trainer import lora_groups
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import graph_breaks
+
+    cpu = torch.device("cpu")
+    for variant in ("grouped", "nogroup nofuse"):
+        graphs, breaks = graph_breaks.count_breaks(variant, cpu)
+        assert graphs >= 1 and not breaks, (variant, breaks)
+    outputs = lora_groups.LoraGroup.outputs
+
+    def broken(self: Any, x: Any) -> Any:
+        torch._dynamo.graph_break()  # the control: what a non-traceable call in a group would do
+        return outputs(self, x)
+
+    monkeypatch.setattr(lora_groups.LoraGroup, "outputs", broken)
+    graphs, breaks = graph_breaks.count_breaks("grouped", cpu)
+    assert sum(breaks.values()) > 0 and graphs > 2
