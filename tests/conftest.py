@@ -19,6 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("LORAFLEET_HOME", REPO_ROOT / ".lorafleet")) / "models"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # vLLM's CPU backend sizes its KV cache as gpu_memory_utilization x the memory of the CPU's NUMA node, minus the
+    # engine process's own RSS (~1.5 GiB with the embedded model). On a machine whose node is small (14 GiB seen,
+    # 8 GiB elsewhere) the tests' 0.1-0.2 leave nothing, and every engine fails at start. A fixed KV cache (GiB; the
+    # backend's own setting, inherited by the services the tests start) does not depend on the machine.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
