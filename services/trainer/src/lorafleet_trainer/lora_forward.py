@@ -69,13 +69,20 @@ def _peft_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     return type(self).forward(self, x, *args, **kwargs)
 
 
+def plain_adapter(layer: Any) -> str | None:
+    """The one adapter ``layer`` runs, if it is the plain case (not disabled, not merged, no DoRA or other variant)."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = list(layer.active_adapters)
+    if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    return str(active[0])
+
+
 def _lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if args or kwargs or self.disable_adapters or self.merged:
+    name = None if args or kwargs else plain_adapter(self)
+    if name is None:
         return _peft_forward(self, x, *args, **kwargs)
-    active = self.active_adapters
-    if len(active) != 1 or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {}):
-        return _peft_forward(self, x)
-    name = active[0]
     base = self.base_layer
     if (
         getattr(self, FUSED_BACKWARD_FLAG, True)

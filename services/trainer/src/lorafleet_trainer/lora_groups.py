@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer.lora_forward import _lean_forward, _lora_layer_types
+from lorafleet_trainer.lora_forward import _lean_forward, _lora_layer_types, plain_adapter
 
 GROUP_ATTRIBUTE = "_lorafleet_lora_group"
 HOOK_ATTRIBUTE = "_lorafleet_lora_group_hook"
@@ -170,12 +170,10 @@ class LoraGroup:
             for b, (rows, cols) in zip(lora_b, self.layout, strict=True):
                 start = self.in_features
                 self.weight[rows, start + cols.start : start + cols.stop] = b
-        self.seen = [(b._version, b.data_ptr()) for b in lora_b]
+        self.seen = stamps
 
     def usable(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.weight.dtype and all(
-            not m.disable_adapters and not m.merged and list(m.active_adapters) == [self.adapter] for m in self.members
-        )
+        return x.dtype == self.weight.dtype and all(plain_adapter(m) == self.adapter for m in self.members)
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each member's output for ``x``."""
@@ -222,7 +220,7 @@ def _group_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 def _refresh_groups(groups: list[LoraGroup]) -> Any:
     def hook(module: Any, args: Any, kwargs: Any) -> None:
         for group in groups:
-            group.pending = None  # a sibling never called last time: its slice is not kept
+            group.pending = None  # a sibling never called last time: its output is not kept
             group.refresh()
 
     return hook
@@ -234,13 +232,12 @@ def group_lora_projections(model: Any) -> int:
     The decoder refreshes the groups' B blocks before each forward pass (a pre-hook on it: the decoder runs eagerly
     even when its layers are compiled, and the training loop calls it without the language-model head).
     """
-    kinds = _lora_layer_types()
-    plain = _lora_layer_types()[0]
+    plain = _lora_layer_types()[0]  # once: without bitsandbytes every call retries a failing import
     groups: list[LoraGroup] = []
     for parent in model.modules():
         for names in SIBLINGS:
             members = [getattr(parent, name, None) for name in names]
-            members = [m for m in members if isinstance(m, kinds) and type(m) is plain]
+            members = [m for m in members if type(m) is plain]
             if len(members) < 2 or any(getattr(m, GROUP_ATTRIBUTE, None) for m in members):
                 continue
             adapter = _single_plain_adapter(members)
@@ -275,16 +272,12 @@ def uses_lora_groups(model: Any) -> bool:
 
 def _single_plain_adapter(members: list[Any]) -> str | None:
     """The one adapter all members train, if the lean forward would take each of them (see lora_forward.py)."""
-    first = members[0]
-    active = list(first.active_adapters)
-    if len(active) != 1:
+    name = plain_adapter(members[0])
+    if name is None:
         return None
-    name = active[0]
     bases = [m.base_layer for m in members]
     for m, base in zip(members, bases, strict=True):
-        if list(m.active_adapters) != [name] or name not in m.lora_A or m.merged or m.disable_adapters:
-            return None
-        if name in getattr(m, "lora_variant", {}) or type(base) is not torch.nn.Linear:
+        if plain_adapter(m) != name or type(base) is not torch.nn.Linear:
             return None
         if base.weight.dtype != bases[0].weight.dtype or base.weight.device != bases[0].weight.device:
             return None
