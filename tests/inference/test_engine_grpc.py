@@ -114,15 +114,25 @@ def variants(peft_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     return folders
 
 
+KV_CACHE_BYTES = 256 * 2**20
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def replica(
     tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path, model_cache_dir: Path
 ) -> AsyncIterator[Replica]:
     home = tmp_path_factory.mktemp("inference-home")
     (home / "models").symlink_to(model_cache_dir)  # the restarted process reuses the prepared embedded model
-    settings = cpu_replica_settings(home, metrics_port=free_port(), drain_timeout_s=30)
+    settings = cpu_replica_settings(home, metrics_port=free_port(), drain_timeout_s=30, kv_cache_bytes=KV_CACHE_BYTES)
     started = time.monotonic()
-    app = await start(settings, model_path=str(embedded_model_path))
+    # Without the tests' VLLM_CPU_KVCACHE_SPACE (conftest), which vLLM's CPU backend lets override any size, only
+    # the setting sizes the cache; the engine core process takes the environment at start.
+    legacy_kv_space = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    try:
+        app = await start(settings, model_path=str(embedded_model_path))
+    finally:
+        if legacy_kv_space is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = legacy_kv_space
     print(f"engine start-up: {time.monotonic() - started:.1f} s")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:
@@ -137,6 +147,17 @@ async def replica(
     finally:
         await channel.close()
         await app.stop(drain_timeout_s=5)
+
+
+def test_kv_cache_bytes_sizes_the_engines_cache(replica: Replica) -> None:
+    config = replica.app.engine.vllm_config
+    hf = config.model_config.hf_config
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * config.model_config.dtype.itemsize
+    cache = config.cache_config
+    held = cache.num_gpu_blocks * cache.block_size * per_token
+    # The automatic size would be 0.2 x a NUMA node's memory: gigabytes, not this.
+    assert 0.9 * KV_CACHE_BYTES <= held <= KV_CACHE_BYTES, (cache.num_gpu_blocks, cache.block_size, per_token)
 
 
 async def collect(stub: pb_grpc.InferenceServiceStub, request: pb.GenerateRequest) -> list[pb.GenerateChunk]:

@@ -409,6 +409,9 @@ def test_engine_args_pass_tensor_parallelism_and_tiers_through(tmp_path: Path) -
     assert args.max_num_batched_tokens is None  # vLLM's default unless set
     tuned = engine_args(InferenceSettings(home=tmp_path, max_num_batched_tokens=16384), "/models/x")
     assert tuned.max_num_batched_tokens == 16384
+    assert args.kv_cache_memory_bytes is None  # sized by gpu_memory_utilization unless set
+    fixed = engine_args(InferenceSettings(home=tmp_path, kv_cache_bytes=2**30), "/models/x")
+    assert fixed.kv_cache_memory_bytes == 2**30
 
 
 def test_specialize_active_lora_defaults_on_with_cuda_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

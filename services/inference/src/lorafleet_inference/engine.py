@@ -100,6 +100,8 @@ def engine_args(settings: InferenceSettings, model_path: str) -> Any:
         extra["max_num_seqs"] = settings.max_num_seqs
     if settings.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    if settings.kv_cache_bytes is not None:
+        extra["kv_cache_memory_bytes"] = settings.kv_cache_bytes
     if settings.merge_enabled:  # adds MergeAdapter's weight methods to vLLM's workers (merge_worker.py)
         extra["worker_extension_cls"] = MERGE_WORKER_EXTENSION
     specialize = settings.specialize_active_lora if settings.specialize_active_lora is not None else cuda

@@ -68,6 +68,14 @@ class InferenceSettings(CommonSettings):
         description="Fraction of accelerator memory for weights and KV cache (on CPU: of one NUMA node's "
         "memory). None = 0.2 on CPU, 0.9 on CUDA.",
     )
+    kv_cache_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="A fixed KV cache size in bytes (vLLM's kv_cache_memory_bytes); gpu_memory_utilization then "
+        "no longer sizes it. On a CPU, vLLM otherwise takes the fraction of one NUMA node's memory minus the "
+        "engine's own RSS, which on a small node leaves nothing; a fixed size also skips the warm-up pass that "
+        "the automatic sizing needs.",
+    )
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = Field(
         default=None,
         description="Weight and activation dtype passed to vLLM. None = 'auto' on CUDA; on a CPU, 'auto' only if "
