@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_train_device.sh [--budget-s 525] [--stages bench2048,seeds-packed,seeds-default,bench512]
 #   bash bench/gpu_train_device.sh --stages profile,bench2048   # with CASES_2048=..., BENCH2048_LIMIT_S=270 (docs/benchmarks.md)
+#   (ROWS_2048=288: a timed epoch three times as long as the default 96 rows give)
 #
 # Stages, in the order given, each under a time limit that leaves the later ones their share of the budget:
 #   bench2048      bench/trainer.py at 2,048 tokens: hf+peft baselines, our loop padded and packed (1-8 packs per
@@ -96,7 +97,7 @@ CASES_PROFILE="${CASES_PROFILE:-ours packed x2,ours packed x2 +compile}"
 COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
 for stage in ${STAGES//,/ }; do
   case $stage in
-    bench2048) run_stage bench2048 "${BENCH2048_LIMIT_S:-270}" python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 --rows 96 \
+    bench2048) run_stage bench2048 "${BENCH2048_LIMIT_S:-270}" python3 bench/trainer.py --model "$MODEL" --dummy --seq-len 2048 --rows "${ROWS_2048:-96}" \
                  --batch-size 2 --grad-accum 4 --warmup-rows 32 --cases "$CASES_2048" --compile-backend "$COMPILE_BACKEND" \
                  --json-out "$OUT/bench2048.json" "${SMOKE_ARGS[@]}" ;;
     graph-breaks) run_stage graph-breaks 120 python3 bench/graph_breaks.py ;;
