@@ -200,8 +200,12 @@ def run_services(run: Run) -> None:
     pool = LoadPool(args.workers)
     try:
 
-        def gateway_env(i: int) -> dict[str, str]:
+        def workers(i: int) -> int:
+            return args.gateway_workers[min(i, len(args.gateway_workers) - 1)]
+
+        def gateway_env(i: int, workers: int = 1) -> dict[str, str]:
             return {
+                "LORAFLEET_GATEWAY_WORKERS": str(workers),
                 "LORAFLEET_HOME": str(work / f"gateway-{i}"),
                 "LORAFLEET_STORE_URL": env["LORAFLEET_STORE_URL"],
                 "LORAFLEET_BASE_MODEL": settings.base_model,
@@ -215,7 +219,7 @@ def run_services(run: Run) -> None:
             }
 
         for i in range(args.gateways):  # before the engine is up: they wait for a healthy replica themselves
-            gw, url = start_gateway(logs, i, gateway_env(i))
+            gw, url = start_gateway(logs, i, gateway_env(i, workers(i)))
             gateways.append(gw)
             urls.append(url)
             if i == 0:  # the first one migrates the shared database; the others start on a migrated one
@@ -239,6 +243,7 @@ def run_services(run: Run) -> None:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         bench = ServiceBench(run, pool, f"127.0.0.1:{grpc_port}", urls, (key, admin_key), settings.base_model)
         bench.pids = {"inference": inference.proc.pid} | {gw.name: gw.proc.pid for gw in gateways}
+        bench.gateway_workers = [workers(i) for i in range(len(gateways))]
         bench.warm_up(mix)
         run.results["throughput"] = {}
         run.results["latency"] = {}
@@ -253,7 +258,9 @@ def run_services(run: Run) -> None:
             throughput(f"{count} adapter{'s' if count > 1 else ''}", [s.name for s in mix[:count]], 45)
         for streams, requests in zip(args.streams, args.stream_requests, strict=True):
             if "latency" in args.stages and run.budget_left(f"latency {streams}", 30):
-                run.results["latency"][str(streams)] = bench.latency(streams, requests)
+                run.results["latency"][str(streams)] = bench.latency(
+                    streams, requests, min(args.latency_gateways, len(gateways))
+                )
                 run.save()
         if "loads" in args.stages and run.budget_left("adapter loads", 30):
             run.results["adapter_loads"] = bench.adapter_loads(mix, cold8, cold16, metrics_url)
@@ -374,6 +381,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", type=lambda s: s.lower() == "true", default=None)
     p.add_argument("--workers", type=int, default=4, help="client processes")
     p.add_argument("--gateways", type=int, default=2, help="gateway processes (the extra ones: one base pass)")
+    p.add_argument(
+        "--gateway-workers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1],
+        help="worker processes of each gateway, comma-separated (LORAFLEET_GATEWAY_WORKERS; the last value repeats)",
+    )
+    p.add_argument(
+        "--latency-gateways", type=int, default=1, help="latency levels through each of the first N gateways"
+    )
     p.add_argument("--engine-timeout-s", type=float, default=600)
     p.add_argument("--deadline-s", type=float, default=0, help="skip stages that would end after this (0: none)")
     p.add_argument(

@@ -77,7 +77,15 @@ def text(results: dict[str, Any]) -> str:
                 f"TPOT {d['tpot_p50_ms']:.2f}/{d['tpot_p99_ms']:.2f} | gateway TTFT {g['ttft_p50_ms']:.1f}/"
                 f"{g['ttft_p99_ms']:.1f} TPOT {g['tpot_p50_ms']:.2f}/{g['tpot_p99_ms']:.2f} | added TTFT "
                 f"{row['added_ttft_p50_ms']:.1f}/{row['added_ttft_p99_ms']:.1f}"
+                f" ({g.get('workers', 1)} worker{'s' if g.get('workers', 1) > 1 else ''})"
             )
+            for more in row.get("more_gateways", []):
+                lines.append(
+                    f"{'':>12}another gateway ({more['workers']} worker{'s' if more['workers'] > 1 else ''}): TTFT "
+                    f"{more['ttft_p50_ms']:.1f}/{more['ttft_p99_ms']:.1f} TPOT {more['tpot_p50_ms']:.2f}/"
+                    f"{more['tpot_p99_ms']:.2f} | added TTFT {more['added_ttft_p50_ms']:.1f}/"
+                    f"{more['added_ttft_p99_ms']:.1f}"
+                )
     loads = results.get("adapter_loads", {})
     if loads:
         lines.append("")

@@ -57,6 +57,22 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """cpu_seconds of a process and its live descendants (a gateway's worker processes); None elsewhere."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    try:
+        children = [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+    except OSError:
+        children = []
+    return own + sum(tree_cpu_seconds(child) or 0.0 for child in children)
+
+
 def service_env(values: dict[str, str]) -> dict[str, str]:
     """This process's environment without any LORAFLEET_* setting of its own, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}

@@ -9,7 +9,7 @@ from serving import report
 from serving.adapters import AdapterSpec
 from serving.load import Level, LoadPool
 from serving.probe import Sampler, scrape, total
-from serving.stack import cpu_seconds
+from serving.stack import tree_cpu_seconds
 
 TENANT = "bench"  # the adapters are the tenant's models: store name "bench/m0" is model id "m0" through the gateway
 
@@ -24,28 +24,36 @@ class ServiceBench:
         self.run, self.pool, self.direct, self.gateways, self.base = run, pool, direct, gateways, base
         self.key, self.admin_key = keys  # a tenant's key for requests; the admin key for the gateway's /metrics
         self.args = run.args
-        self.pids: dict[str, int] = {}  # front-end processes whose CPU use is recorded per pass
+        self.pids: dict[str, int] = {}  # front-end processes whose CPU use is recorded per pass (with children)
+        self.gateway_workers = [1] * len(gateways)  # each gateway's worker processes
 
     def measured(self, path: str, calls: list[tuple[str, str]], max_tokens: int, concurrency: int, **kw: Any) -> Any:
         """``level`` plus the share of a core each front-end process (inference gRPC + vLLM's output handling,
         gateways) used meanwhile: near 1.0 means that process, not the GPU, set the pace."""
-        before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        before = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
         level = self.level(path, calls, max_tokens, concurrency, **kw)
         row = report.summarize(level)
         for name, pid in self.pids.items():
-            start, end = before[name], cpu_seconds(pid)
+            start, end = before[name], tree_cpu_seconds(pid)
             if start is not None and end is not None and level.wall_s:
                 row[f"cpu_share_{name}"] = (end - start) / level.wall_s
         return row
 
     def level(
-        self, path: str, calls: list[tuple[str, str]], max_tokens: int, concurrency: int, all_gw: bool = False
+        self,
+        path: str,
+        calls: list[tuple[str, str]],
+        max_tokens: int,
+        concurrency: int,
+        all_gw: bool = False,
+        gateway: int = 0,
     ) -> Level:
-        """One level of load; ``calls`` name adapters by store name ("" = base), mapped to the gateway's ids."""
+        """One level of load; ``calls`` name adapters by store name ("" = base), mapped to the gateway's ids.
+        Through the gateway numbered ``gateway``, or spread over all of them (``all_gw``)."""
         if path == "direct":
             return self.pool.run("direct", self.direct, calls, max_tokens, concurrency)
         model_ids = [(a.removeprefix(f"{TENANT}/"), p) for a, p in calls]
-        targets = self.gateways if all_gw else self.gateways[:1]
+        targets = self.gateways if all_gw else self.gateways[gateway : gateway + 1]
         return self.pool.run("gateway", targets, model_ids, max_tokens, concurrency, key=self.key, base_model=self.base)
 
     def prompts(self, count: int, tokens: int | None = None) -> list[str]:
@@ -80,15 +88,32 @@ class ServiceBench:
         )
         return row
 
-    def latency(self, streams: int, requests: int) -> dict[str, Any]:
+    def latency(self, streams: int, requests: int, gateways: int = 1) -> dict[str, Any]:
+        """Direct, then through each of the first ``gateways`` gateways: "gateway" is the first, "more_gateways"
+        the others (each with its worker count), every one with its time added to direct's."""
         row: dict[str, Any] = {}
-        for path in ("direct", "gateway"):
+
+        def through(path: str, gateway: int = 0) -> dict[str, Any]:
             calls = [("", p) for p in self.prompts(requests)]
-            row[path] = report.summarize(self.level(path, calls, self.args.output_tokens, streams))
-        for q in ("p50", "p99"):
-            row[f"added_ttft_{q}_ms"] = row["gateway"][f"ttft_{q}_ms"] - row["direct"][f"ttft_{q}_ms"]
-            row[f"added_tpot_{q}_ms"] = row["gateway"][f"tpot_{q}_ms"] - row["direct"][f"tpot_{q}_ms"]
-        self.run.log(f"latency {streams} streams: added TTFT p50 {row['added_ttft_p50_ms']:.1f} ms")
+            level = report.summarize(self.level(path, calls, self.args.output_tokens, streams, gateway=gateway))
+            if path == "gateway":
+                for q in ("p50", "p99"):
+                    for metric in ("ttft", "tpot"):
+                        key = f"{metric}_{q}_ms"
+                        level[f"added_{key}"] = level[key] - row["direct"][key]
+            return level
+
+        row["direct"] = through("direct")
+        row["gateway"] = through("gateway")
+        row["gateway"]["workers"] = self.gateway_workers[0]
+        row["more_gateways"] = [
+            through("gateway", i) | {"workers": self.gateway_workers[i]} for i in range(1, gateways)
+        ]
+        for q in ("p50", "p99"):  # the first gateway's, where earlier runs' results have them
+            row[f"added_ttft_{q}_ms"] = row["gateway"][f"added_ttft_{q}_ms"]
+            row[f"added_tpot_{q}_ms"] = row["gateway"][f"added_tpot_{q}_ms"]
+        added = ", ".join(f"{g['added_ttft_p50_ms']:.1f}" for g in (row["gateway"], *row["more_gateways"]))
+        self.run.log(f"latency {streams} streams: added TTFT p50 {added} ms")
         return row
 
     def sequential_ttft(self, names: list[str]) -> list[float]:
