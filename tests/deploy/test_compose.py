@@ -74,6 +74,7 @@ def test_default_env_file_brings_up_the_gpu_stack(compose_bin: str, tmp_path: Pa
     assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
     assert running["inference"]["environment"]["LORAFLEET_BASE_MODEL"] == "Qwen/Qwen2.5-7B-Instruct"
     assert running["gateway"]["environment"]["LORAFLEET_ADMIN_KEY"] == "lf-admin-test"
+    assert str(running["gateway"]["environment"]["LORAFLEET_GATEWAY_WORKERS"]) == "1"
     assert running["gateway"]["ports"][0] == "127.0.0.1:8000:8000/tcp"
     assert running["trainer"]["environment"]["LORAFLEET_TRAINER_NOTIFY_INFERENCE"] == "inference:50051"
 
@@ -90,6 +91,12 @@ def test_cpu_profile_swaps_in_the_cpu_images_and_embedded_model(compose_bin: str
         assert svc["networks"]["default"]["aliases"] == [name.removesuffix("-cpu")]
     assert running["inference-cpu"]["image"] == "lorafleet/inference:0.1.0-cpu"
     assert running["inference-cpu"]["build"]["dockerfile"] == "deploy/docker/inference-cpu.Dockerfile"
+
+
+def test_gateway_workers_come_from_the_env_file(compose_bin: str, tmp_path: Path) -> None:
+    services = config(compose_bin, env_file(tmp_path, LORAFLEET_GATEWAY_WORKERS="4"), "--profile", "cpu")["services"]
+    for name in ("gateway", "gateway-cpu"):
+        assert str(services[name]["environment"]["LORAFLEET_GATEWAY_WORKERS"]) == "4", name
 
 
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])

@@ -85,6 +85,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             },
             "image": {"prefix": "registry.example.com/lorafleet", "tag": "0.1.0", "pullSecrets": ["regcred"]},
+            "gateway": {"workers": 4, "resources": {"requests": {"cpu": 4, "memory": "1Gi"}}},
         }
     ),
     "kubernetes-jobs": with_required(
@@ -199,6 +200,7 @@ def test_defaults_run_the_fleet_on_gpus_with_bundled_minio(rendered: dict[str, l
     assert headless.manifest["spec"]["clusterIP"] == "None"
     assert config_value(docs, "-common", "LORAFLEET_BASE_MODEL") == "Qwen/Qwen2.5-7B-Instruct"
     assert config_value(docs, "-common", "LORAFLEET_S3_ENDPOINT") == "demo-lorafleet-minio:9000"
+    assert config_value(docs, "-gateway", "LORAFLEET_GATEWAY_WORKERS") == "1"  # one process, as before workers
     # Jobs run in the trainer pod by default: it gets no Kubernetes API access at all.
     assert not find(docs, "Role") and not find(docs, "RoleBinding") and not find(docs, "ServiceAccount")
     (trainer,) = find(docs, "Deployment", "-trainer")
@@ -283,6 +285,10 @@ def test_gateway_knows_every_inference_replica_by_its_stable_name(rendered: dict
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container(inference)["volumeMounts"]
     assert container(inference)["image"] == "registry.example.com/lorafleet/inference:0.1.0"
     assert find(docs, "PodDisruptionBudget", "-inference")
+
+
+def test_gateway_workers_become_its_setting(rendered: dict[str, list[Rendered]]) -> None:
+    assert config_value(rendered["scaled"], "-gateway", "LORAFLEET_GATEWAY_WORKERS") == "4"
 
 
 def test_kubernetes_jobs_launcher_gets_minimal_rbac_and_valid_settings(
@@ -384,8 +390,16 @@ def test_missing_required_values_fail_naming_the_value(
         (with_required({"inference": {"cache": {"type": "hostPath"}}}), "/inference/cache/type"),
         (with_required({"gateway": {"replica": 3}}), "/gateway"),
         (with_required({"inference": {"maxLoraRank": 24}}), "/inference/maxLoraRank"),
+        (with_required({"gateway": {"workers": 0}}), "/gateway/workers"),
     ],
-    ids=["string-for-integer", "string-for-boolean", "unknown-enum", "misspelt-key", "rank-vllm-rejects"],
+    ids=[
+        "string-for-integer",
+        "string-for-boolean",
+        "unknown-enum",
+        "misspelt-key",
+        "rank-vllm-rejects",
+        "no-gateway-worker",
+    ],
 )
 def test_values_schema_rejects_wrong_values(
     values: dict[str, Any], path: str, render_chart: Render, helm_engine: ModuleType

@@ -10,7 +10,7 @@ from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from lorafleet_gateway.adapters.router import admin_router as adapters_admin_router
 from lorafleet_gateway.adapters.router import router as adapters_router
@@ -42,6 +42,7 @@ from lorafleet_gateway.tenancy.router import router as admin_router
 from lorafleet_gateway.upstream.hot_adapters import HotAdapterPlanner, MergePolicy
 from lorafleet_gateway.upstream.inference import InferencePool, InferenceTimeouts, RoutingPolicy
 from lorafleet_gateway.upstream.trainer import TrainerClient
+from lorafleet_gateway.workers import WorkerRole
 
 logger = logging.getLogger(__name__)
 
@@ -81,34 +82,43 @@ async def ready(request: Request) -> JSONResponse:
     openapi_extra={"security": [{BEARER_SCHEME: []}]},
 )
 async def metrics(request: Request, _admin: AdminDep) -> Response:
-    """Prometheus metrics of this gateway. Admin key only: the labels name every tenant and its adapters."""
-    return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus metrics of this gateway (all its workers). Admin key only: the labels name every tenant and its
+    adapters."""
+    return Response(services(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def merge_policy(settings: GatewaySettings) -> MergePolicy:
+def merge_policy(settings: GatewaySettings, worker: WorkerRole | None = None) -> MergePolicy:
+    # The planning worker sees about 1/count of the gateway's traffic (connections spread evenly over the
+    # workers): shares are the same in any sample, the absolute rate is not.
+    sampled = worker.count if worker is not None else 1
     return MergePolicy(
         interval_s=settings.merge_interval_s,
         window_s=settings.merge_window_s,
         merge_share=settings.merge_share,
         unmerge_share=settings.unmerge_share,
-        min_tokens_per_s=settings.merge_min_tokens_per_s,
+        min_tokens_per_s=settings.merge_min_tokens_per_s / sampled,
         min_hold_s=settings.merge_min_hold_s,
         timeout_s=settings.merge_timeout_s,
         allow_all_replicas=settings.merge_allow_all_replicas,
     )
 
 
-def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> FastAPI:
-    """Build the gateway; gRPC channels open in the lifespan and close on shutdown."""
+def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None, worker: WorkerRole | None = None) -> FastAPI:
+    """Build the gateway; gRPC channels open in the lifespan and close on shutdown.
+
+    ``worker``: this process is one of several gateway workers (workers.py), None when it is the whole gateway.
+    """
     deps = deps or GatewayDeps.from_settings(settings)
-    gateway_metrics = GatewayMetrics(deps.registry)
+    gateway_metrics = GatewayMetrics(deps.registry, multiprocess_dir=worker.metrics_dir if worker else None)
+    plans_merges = settings.merge_enabled and (worker is None or worker.plans_merges)
     limiter = RateLimiter(gateway_metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = open_engine(settings.resolved_database_url(), timeout_s=settings.connect_timeout_s)
         tls = settings.grpc_tls()  # re-read at each start: a restart picks up rotated certificates
-        await asyncio.to_thread(migrate, engine)
+        if worker is None:  # workers start on the database their supervisor migrated
+            await asyncio.to_thread(migrate, engine)
         directory = TenantDirectory(engine)
         app.state.authenticator = Authenticator(
             settings.admin_key,
@@ -143,7 +153,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None) -> Fa
             tls=tls,
         )
         hot_adapters = (
-            HotAdapterPlanner(pool, merge_policy(settings), gateway_metrics) if settings.merge_enabled else None
+            HotAdapterPlanner(pool, merge_policy(settings, worker), gateway_metrics) if plans_merges else None
         )
         await pool.start()
         await trainer.start()

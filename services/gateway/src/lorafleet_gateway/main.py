@@ -1,10 +1,17 @@
-"""Entry point: settings -> logging -> uvicorn serving create_app, with graceful shutdown on SIGTERM."""
+"""Entry point: settings -> logging -> uvicorn serving create_app, with graceful shutdown on SIGTERM.
+
+With LORAFLEET_GATEWAY_WORKERS > 1 this process supervises that many worker processes instead (workers.py),
+each of them this same entry point in the role the supervisor gave it.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 from functools import partial
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -12,6 +19,9 @@ from pydantic import ValidationError
 from lorafleet_common.logs import configure_logging
 from lorafleet_gateway.app import create_app
 from lorafleet_gateway.settings import GatewaySettings
+from lorafleet_gateway.workers import WorkerRole, follow_supervisor, reuse_port_socket, supervise
+
+logger = logging.getLogger(__name__)
 
 ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"
 
@@ -36,9 +46,9 @@ def load_settings() -> GatewaySettings:
         raise SystemExit(2) from None
 
 
-def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
+def uvicorn_config(settings: GatewaySettings, worker: WorkerRole | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        partial(create_app, settings),
+        partial(create_app, settings, worker=worker),
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -57,16 +67,39 @@ def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
 
 def main() -> None:
     settings = load_settings()
-    configure_logging(settings.log_level, "gateway")
-    config = uvicorn_config(settings)
+    worker = WorkerRole.from_env(os.environ, settings)
+    configure_logging(settings.log_level, "gateway" if worker is None else f"gateway[{worker.index}]")
+    if worker is None and settings.workers > 1:
+        raise SystemExit(supervise(settings))
+    serve(settings, worker)
+
+
+def serve(settings: GatewaySettings, worker: WorkerRole | None) -> None:
+    """Serve until SIGTERM: the whole gateway in this process, or one worker's share of it."""
+    config = uvicorn_config(settings, worker)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then run the lifespan exit.
     server = uvicorn.Server(config)
+
     # Once drained, uvicorn restores the handler it found and raises the signal again, so with the default
     # handler a clean drain ends as "killed by SIGTERM" (exit -15/143), which supervisors and tests cannot tell
     # from a kill mid-request. This handler makes the re-raised SIGTERM a no-op: a drained gateway exits 0. It
     # also covers a SIGTERM before uvicorn installs its own: the server then stops as soon as it has started.
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(server, "should_exit", True))
-    server.run()
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    if worker is None:
+        server.run()
+        return
+    # A worker gets SIGINT too when Ctrl-C reaches the terminal's process group: it drains as for SIGTERM.
+    signal.signal(signal.SIGINT, stop)
+    follow_supervisor(worker.supervisor_pid)
+    try:
+        sock = reuse_port_socket(settings.host, settings.port)
+    except OSError as exc:
+        logger.error("gateway worker %d cannot bind %s:%d: %s", worker.index, settings.host, settings.port, exc)
+        raise SystemExit(1) from None
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

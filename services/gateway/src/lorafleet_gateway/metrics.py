@@ -1,12 +1,22 @@
-"""Prometheus metrics of one gateway instance, on a registry passed in (never the global one)."""
+"""Prometheus metrics of one gateway instance, on a registry passed in (never the global one).
+
+With several worker processes (workers.py) prometheus_client runs in its multiprocess mode: each process
+writes its values to files in one folder, and reads (/metrics, the adapter details' traffic) add up every
+process's files, so they show the whole gateway whichever worker answers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -54,8 +64,10 @@ class GatewayMetrics:
     count by sending made-up names.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, multiprocess_dir: Path | None = None) -> None:
+        """``multiprocess_dir``: the workers' prometheus_client multiprocess folder, None for a single process."""
         self.registry = registry
+        self._multiprocess_dir = multiprocess_dir
         self.requests = Counter(
             "lorafleet_gateway_requests",
             "HTTP requests by route template, tenant, model, model kind (base, adapter, none) and status code.",
@@ -99,12 +111,15 @@ class GatewayMetrics:
             "1 while an inference replica is in rotation, 0 while it is ejected.",
             ["replica"],
             registry=registry,
+            # Each worker ejects on its own: 0 as soon as one worker has it out of rotation.
+            multiprocess_mode="livemin",
         )
         self.replica_in_flight = Gauge(
             "lorafleet_gateway_replica_in_flight",
             "Generate calls this gateway has open on each inference replica.",
             ["replica"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.replica_ejections = Counter(
             "lorafleet_gateway_replica_ejections",
@@ -131,6 +146,8 @@ class GatewayMetrics:
             "lorafleet_gateway_hot_adapter_share",
             "Share (0-1) of the tokens served over the hot-adapter planner's window taken by the busiest adapter.",
             registry=registry,
+            # Only the planning worker sets it; the others' 0 must not hide it.
+            multiprocess_mode="livemax",
         )
         self.tokens = Counter(
             "lorafleet_gateway_tokens",
@@ -162,17 +179,39 @@ class GatewayMetrics:
         self._tokens(tenant, model, "prompt").inc(prompt)
         self._tokens(tenant, model, "completion").inc(completion)
 
+    def forget_replica(self, target: str) -> None:
+        """Drop the series of a replica no longer routed to.
+
+        prometheus_client cannot remove a series in multiprocess mode: there the replica keeps its last values
+        until the gateway restarts (its in-flight count still falls to 0 as its last streams end).
+        """
+        if self._multiprocess_dir is not None:
+            return
+        for gauge in (self.replica_up, self.replica_in_flight):
+            with contextlib.suppress(KeyError):
+                gauge.remove(target)
+
+    def exposition(self) -> bytes:
+        """/metrics: the Prometheus text format of the whole gateway."""
+        return generate_latest(self._readable_registry())
+
     def traffic(self) -> dict[str, Traffic]:
         """Per-model totals read back from the counters (model label: base model id or adapter store name)."""
+        if self._multiprocess_dir is None:
+            requests, tokens = self.requests.collect(), self.tokens.collect()
+        else:
+            families = list(self._readable_registry().collect())
+            requests = _named(families, "lorafleet_gateway_requests")
+            tokens = _named(families, "lorafleet_gateway_tokens")
         totals: dict[str, Traffic] = defaultdict(Traffic)
-        for metric in self.requests.collect():
+        for metric in requests:
             for sample in metric.samples:
                 if sample.name.endswith("_total") and sample.labels["model"] != "none":
                     entry = totals[sample.labels["model"]]
                     entry.requests += int(sample.value)
                     if int(sample.labels["status"]) >= 400:
                         entry.errors += int(sample.value)
-        for metric in self.tokens.collect():
+        for metric in tokens:
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
                     entry = totals[sample.labels["model"]]
@@ -181,3 +220,15 @@ class GatewayMetrics:
                     else:
                         entry.completion_tokens += int(sample.value)
         return dict(totals)
+
+    def _readable_registry(self) -> CollectorRegistry:
+        """This gateway's registry; in multiprocess mode a fresh one that adds up every worker's files now."""
+        if self._multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self._multiprocess_dir))
+        return registry
+
+
+def _named(families: Iterable[Metric], name: str) -> list[Metric]:
+    return [family for family in families if family.name == name]

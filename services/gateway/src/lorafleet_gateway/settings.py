@@ -20,6 +20,16 @@ class GatewaySettings(CommonSettings):
 
     host: str = Field(default="127.0.0.1", description="HTTP bind address.")
     port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Gateway processes serving the port: each takes its share of the connections (SO_REUSEPORT) "
+        "on a CPU core of its own, under one supervisor that restarts a worker that dies; about one per CPU core "
+        "the gateway may use. /metrics shows all of them together. Rate limits are per worker process: a key can "
+        "get up to this many times its limits, as with that many gateway replicas (docs/tenancy.md). More than "
+        "1 needs a fixed port (not 0).",
+    )
     inference_targets: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1:50051"],
         min_length=1,
@@ -95,7 +105,8 @@ class GatewaySettings(CommonSettings):
         default=False,
         description="Run the hot-adapter planner: merge an adapter that takes most of the traffic into one "
         "merge-capable replica's weights (no LoRA cost there) and unmerge it when it cools. Enable it on one "
-        "gateway of a fleet: each plans from its own traffic. See docs/routing.md.",
+        "gateway of a fleet: each plans from its own traffic (with several workers, worker 0 plans for its "
+        "gateway). See docs/routing.md.",
     )
     merge_interval_s: float = Field(
         default=10.0, gt=0, description="How often the planner decides; it makes at most one change each time."
@@ -122,7 +133,9 @@ class GatewaySettings(CommonSettings):
         default=100.0,
         ge=0,
         description="An adapter is merged only if it was also served at least this many tokens per second over "
-        "the window (a large share of little traffic is not worth a replica).",
+        "the window (a large share of little traffic is not worth a replica). This is the whole gateway's rate: "
+        "with several workers the planner runs in worker 0 alone, which sees about 1/workers of the traffic and "
+        "compares its own rate with this divided by workers.",
     )
     merge_min_hold_s: float = Field(
         default=300.0,
@@ -158,7 +171,8 @@ class GatewaySettings(CommonSettings):
         default=5.0,
         ge=0,
         description="How long a verified API key is trusted without asking the database again. Revocations made "
-        "through this gateway apply at once; through another gateway replica, within this time.",
+        "through this gateway process apply at once; through another gateway replica or worker process, within "
+        "this time.",
     )
     default_rpm_limit: int | None = Field(
         default=None, ge=1, description="Requests per minute per API key unless its tenant or key says otherwise."
@@ -210,6 +224,13 @@ class GatewaySettings(CommonSettings):
     def _check_merge_shares(self) -> GatewaySettings:
         if self.unmerge_share >= self.merge_share:
             raise ValueError("unmerge_share must be below merge_share (the gap is the hysteresis)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_workers_port(self) -> GatewaySettings:
+        if self.workers > 1 and self.port == 0:
+            # Each worker binds the port itself: with port 0 each would get a different one.
+            raise ValueError("workers > 1 needs a fixed port: with port 0 every worker would listen on another one")
         return self
 
     def resolved_database_url(self) -> str:

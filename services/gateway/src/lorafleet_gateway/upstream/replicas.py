@@ -203,9 +203,7 @@ class ReplicaSet:
     def _retire(self, replica: Replica) -> None:
         """Stop routing to a replica DNS no longer lists; its open streams may finish within drain_s."""
         logger.info("inference replica %s removed (no longer in DNS)", replica.target)
-        for gauge in (self._metrics.replica_up, self._metrics.replica_in_flight):
-            with contextlib.suppress(KeyError):
-                gauge.remove(replica.target)
+        self._metrics.forget_replica(replica.target)
         self._spawn(replica.channel.close(grace=self._drain_s), f"close-{replica.target}")
 
     # -- health -----------------------------------------------------------------------------------
