@@ -10,6 +10,7 @@ throughput ratio gateway/direct.
 
     python bench/gateway.py                 # full run (about a minute)
     python bench/gateway.py --quick         # smoke run (seconds)
+    python bench/gateway.py --gateway-workers 1,8   # one gateway per worker count, each level through each
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 import grpc
 import httpx
-from serving.stack import cpu_seconds  # bench/ is on sys.path: this file runs as a script
+from serving.stack import tree_cpu_seconds  # bench/ is on sys.path: this file runs as a script
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -150,10 +151,13 @@ def start_replica(tokens: int, delay_ms: float) -> tuple[subprocess.Popen[str], 
     return proc, int(line[1])
 
 
-def start_gateway(home: Path, replica_port: int, admin_key: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(
+    home: Path, replica_port: int, admin_key: str, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
     env.update(
+        LORAFLEET_GATEWAY_WORKERS=str(workers),
         LORAFLEET_HOME=str(home),
         LORAFLEET_ADMIN_KEY=admin_key,
         LORAFLEET_BASE_MODEL=MODEL,
@@ -170,13 +174,39 @@ def start_gateway(home: Path, replica_port: int, admin_key: str) -> tuple[subpro
         if proc.poll() is not None:
             raise SystemExit(f"the gateway exited:\n{(home / 'gateway.log').read_text()[-2000:]}")
         try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
+            ready = httpx.get(f"{url}/ready", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
+            ready = False
+        # Every worker listening: a connection opened before a worker listens never reaches it (SO_REUSEPORT).
+        if ready and (workers == 1 or listening_workers(proc.pid, port) == workers):
+            return proc, url
         time.sleep(0.1)
     proc.kill()
     raise SystemExit("the gateway did not become ready")
+
+
+def listening_workers(supervisor_pid: int, port: int) -> int:
+    """How many of a gateway's worker processes listen on ``port`` now (Linux /proc; 0 elsewhere)."""
+    try:
+        listening = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    listening.add(fields[9])  # the socket's inode
+        children = [
+            int(c) for t in Path(f"/proc/{supervisor_pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
+    except OSError:
+        return 0
+    count = 0
+    for child in children:
+        try:
+            links = {os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()}
+        except OSError:
+            continue
+        count += any(f"socket:[{inode}]" in links for inode in listening)
+    return count
 
 
 def tenant_key(url: str, admin_key: str) -> str:
@@ -189,29 +219,45 @@ def tenant_key(url: str, admin_key: str) -> str:
     return str(created.json()["key"])
 
 
-async def measure(
-    args: argparse.Namespace, replica_port: int, url: str, key: str, gateway_pid: int
-) -> list[dict[str, Any]]:
+@dataclass
+class Gateway:
+    workers: int
+    url: str
+    key: str
+    pid: int
+
+
+async def measure(args: argparse.Namespace, replica_port: int, gateways: list[Gateway]) -> list[dict[str, Any]]:
+    """At each level: direct, then through each gateway in turn, each compared with that level's direct run."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{replica_port}")
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     limits = httpx.Limits(max_connections=max(args.concurrency) + 8, max_keepalive_connections=max(args.concurrency))
-    headers = {"Authorization": f"Bearer {key}"}
     rows = []
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
-        direct, through = direct_call(stub), gateway_call(http)
-        await load(4, 8, direct)  # warm up both paths (connections, caches)
-        await load(4, 8, through)
-        for concurrency in args.concurrency:
-            count = args.requests or max(args.min_requests, args.rounds * concurrency)
-            direct_run = await load(concurrency, count, direct)
-            cpu_before = cpu_seconds(gateway_pid)
+    clients = [
+        httpx.AsyncClient(base_url=g.url, headers={"Authorization": f"Bearer {g.key}"}, limits=limits, timeout=120)
+        for g in gateways
+    ]
+    direct = direct_call(stub)
+    throughs = [gateway_call(http) for http in clients]
+    await load(4, 8, direct)  # warm up every path (connections, caches)
+    for through in throughs:
+        await load(4, 8 * max(g.workers for g in gateways), through)
+    for concurrency in args.concurrency:
+        count = args.requests or max(args.min_requests, args.rounds * concurrency)
+        direct_run = await load(concurrency, count, direct)
+        for gateway, through in zip(gateways, throughs, strict=True):
+            cpu_before, client_before = tree_cpu_seconds(gateway.pid), time.process_time()
             gateway_run = await load(concurrency, count, through)
-            cpu_after = cpu_seconds(gateway_pid)
-            rows.append(row(concurrency, count, direct_run, gateway_run))
+            cpu_after, client_cpu = tree_cpu_seconds(gateway.pid), time.process_time() - client_before
+            rows.append(row(concurrency, count, direct_run, gateway_run) | {"workers": gateway.workers})
+            # near 1: this benchmark's own client (one event loop) set the pace, not the gateway
+            rows[-1]["client_cpu_share"] = client_cpu / gateway_run.wall_s if gateway_run.wall_s else float("nan")
             tokens = sum(s.tokens for s in gateway_run.samples)
             if cpu_before is not None and cpu_after is not None and tokens:
                 rows[-1]["gateway_cpu_us_per_token"] = (cpu_after - cpu_before) / tokens * 1e6
             print_row(rows[-1])
+    for http in clients:
+        await http.aclose()
     await channel.close()
     return rows
 
@@ -237,7 +283,7 @@ def row(concurrency: int, count: int, direct: Run, gateway: Run) -> dict[str, An
 
 
 HEADER = (
-    f"{'streams':>7} {'requests':>8} | {'direct TTFT p50/p99':>19} | {'gateway TTFT p50/p99':>20} | "
+    f"{'streams':>7} {'workers':>7} {'requests':>8} | {'direct TTFT p50/p99':>19} | {'gateway TTFT p50/p99':>20} | "
     f"{'added TTFT p50/p99':>18} | {'added total p50/p99':>19} | {'direct tok/s':>12} {'gw tok/s':>9} "
     f"{'ratio':>6} {'errors':>6} {'gw CPU/token':>12}"
 )
@@ -248,7 +294,8 @@ def print_row(r: dict[str, Any]) -> None:
         return f"{r[a]:.1f} / {r[b]:.1f} ms"
 
     print(
-        f"{r['concurrency']:>7} {r['requests']:>8} | {pair('direct_ttft_p50_ms', 'direct_ttft_p99_ms'):>19} | "
+        f"{r['concurrency']:>7} {r['workers']:>7} {r['requests']:>8} | "
+        f"{pair('direct_ttft_p50_ms', 'direct_ttft_p99_ms'):>19} | "
         f"{pair('gateway_ttft_p50_ms', 'gateway_ttft_p99_ms'):>20} | "
         f"{pair('added_ttft_p50_ms', 'added_ttft_p99_ms'):>18} | "
         f"{pair('added_total_p50_ms', 'added_total_p99_ms'):>19} | "
@@ -273,6 +320,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=0, help="fixed requests per level (overrides the two above)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 tokens at 2 ms, one round per level")
     parser.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--gateway-workers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1],
+        help="one gateway per value, with that many worker processes (LORAFLEET_GATEWAY_WORKERS); default 1",
+    )
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.token_delay_ms, args.rounds, args.min_requests = 4, 2.0, 1, 4
@@ -280,19 +333,23 @@ def main() -> int:
     replica, replica_port = start_replica(args.tokens, args.token_delay_ms)
     admin_key = "bench-admin-" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as home:
-        gateway = None
+        procs: list[subprocess.Popen[Any]] = []
         try:
-            gateway, url = start_gateway(Path(home), replica_port, admin_key)
-            key = tenant_key(url, admin_key)
+            gateways = []
+            for i, workers in enumerate(args.gateway_workers):
+                (Path(home) / str(i)).mkdir()
+                gateway, url = start_gateway(Path(home) / str(i), replica_port, admin_key, workers)
+                procs.append(gateway)
+                gateways.append(Gateway(workers, url, tenant_key(url, admin_key), gateway.pid))
             print(
                 f"Gateway overhead (fake upstream): {args.tokens} tokens/response at {args.token_delay_ms:g} ms/token; "
                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.machine()}"
             )
             print(HEADER, flush=True)
-            rows = asyncio.run(measure(args, replica_port, url, key, gateway.pid))
+            rows = asyncio.run(measure(args, replica_port, gateways))
         finally:
-            for proc in (gateway, replica):
-                if proc is not None and proc.poll() is None:
+            for proc in (*procs, replica):
+                if proc.poll() is None:
                     proc.terminate()
                     try:
                         proc.wait(timeout=15)

@@ -25,11 +25,13 @@ def table_rows(output: str) -> dict[str, list[str]]:
 
 
 def test_gateway_bench_quick() -> None:
-    lines = run_bench("gateway.py", "--quick").splitlines()
+    """Each level direct, then through a one-process gateway and one with two worker processes."""
+    lines = run_bench("gateway.py", "--quick", "--gateway-workers", "1,2").splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("streams"))
     assert "added TTFT p50/p99" in lines[header] and "ratio" in lines[header]
     rows = [line.split("|")[-1].split() for line in lines[header + 1 :]]
-    assert [line.split()[0] for line in lines[header + 1 :]] == ["1", "16", "64"]
+    levels = [tuple(line.split()[:2]) for line in lines[header + 1 :]]
+    assert levels == [("1", "1"), ("1", "2"), ("16", "1"), ("16", "2"), ("64", "1"), ("64", "2")]
     for row in rows:  # direct tok/s, gw tok/s, ratio, errors, gateway CPU per token
         ratio, errors = float(row[2]), int(row[3])
         assert errors == 0 and 0 < ratio < 2
