@@ -227,6 +227,42 @@ class Gateway:
     pid: int
 
 
+def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: list[Gateway]) -> list[dict[str, Any]]:
+    """``measure`` with the load sent from ``args.clients`` processes (serving/load.py): at 64 streams one client
+    event loop is itself busy for tens of ms sending a burst and parsing its events. Completions, not chat."""
+    from serving.load import Level, LoadPool
+
+    def as_run(level: Level) -> Run:
+        ok = [s for s in level.samples if not s.error]
+        return Run([Sample(s.ttft, s.total, s.tokens) for s in ok], level.wall_s, len(level.errors))
+
+    pool = LoadPool(args.clients)
+    direct_target, rows = f"127.0.0.1:{replica_port}", []
+    try:
+        gateway_kw = [{"key": g.key, "base_model": MODEL} for g in gateways]
+        pool.run("direct", direct_target, [("", "hello")] * 8, args.tokens, 4)  # warm-up
+        for gateway, kw in zip(gateways, gateway_kw, strict=True):
+            pool.run("gateway", gateway.url, [("", "hello")] * 8 * gateway.workers, args.tokens, 8, **kw)
+        for concurrency in args.concurrency:
+            count = args.requests or max(args.min_requests, args.rounds * concurrency)
+            calls = [("", "hello")] * count
+            direct_run = as_run(pool.run("direct", direct_target, calls, args.tokens, concurrency))
+            for gateway, kw in zip(gateways, gateway_kw, strict=True):
+                cpu_before = tree_cpu_seconds(gateway.pid)
+                level = pool.run("gateway", gateway.url, calls, args.tokens, concurrency, **kw)
+                cpu_after = tree_cpu_seconds(gateway.pid)
+                gateway_run = as_run(level)
+                rows.append(row(concurrency, count, direct_run, gateway_run) | {"workers": gateway.workers})
+                rows[-1]["client_cpu_share"] = max(level.client_cpu_s) / level.wall_s if level.wall_s else float("nan")
+                tokens = sum(s.tokens for s in gateway_run.samples)
+                if cpu_before is not None and cpu_after is not None and tokens:
+                    rows[-1]["gateway_cpu_us_per_token"] = (cpu_after - cpu_before) / tokens * 1e6
+                print_row(rows[-1])
+    finally:
+        pool.close()
+    return rows
+
+
 async def measure(args: argparse.Namespace, replica_port: int, gateways: list[Gateway]) -> list[dict[str, Any]]:
     """At each level: direct, then through each gateway in turn, each compared with that level's direct run."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{replica_port}")
@@ -326,6 +362,9 @@ def main() -> int:
         default=[1],
         help="one gateway per value, with that many worker processes (LORAFLEET_GATEWAY_WORKERS); default 1",
     )
+    parser.add_argument(
+        "--clients", type=int, default=0, help="send the load from N client processes (default: this process)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.token_delay_ms, args.rounds, args.min_requests = 4, 2.0, 1, 4
@@ -346,7 +385,10 @@ def main() -> int:
                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.machine()}"
             )
             print(HEADER, flush=True)
-            rows = asyncio.run(measure(args, replica_port, gateways))
+            if args.clients:
+                rows = measure_with_clients(args, replica_port, gateways)
+            else:
+                rows = asyncio.run(measure(args, replica_port, gateways))
         finally:
             for proc in (*procs, replica):
                 if proc.poll() is None:
