@@ -388,11 +388,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="worker processes of each gateway, comma-separated (LORAFLEET_GATEWAY_WORKERS; the last value repeats)",
     )
     p.add_argument(
-        "--paired-latency",
-        action="store_true",
-        help="also run each latency level (2+ streams) half direct, half through the gateway, in the same bursts",
-    )
-    p.add_argument(
         "--latency-gateways", type=int, default=1, help="latency levels through each of the first N gateways"
     )
     p.add_argument("--engine-timeout-s", type=float, default=600)

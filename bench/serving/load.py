@@ -214,54 +214,23 @@ class LoadPool:
         spread over the workers too."""
         targets = [target] if isinstance(target, str) else target
         jobs = min(len(self._conns), concurrency, len(calls))
-        return self._run_jobs([(path, targets, calls, concurrency, extra, jobs)], max_tokens, concurrency)[0]
-
-    def run_paired(
-        self,
-        direct: str,
-        gateway: str,
-        calls: list[tuple[str, str]],
-        max_tokens: int,
-        concurrency: int,
-        **gateway_extra: Any,
-    ) -> tuple[Level, Level]:
-        """Half the calls and streams direct, half through the gateway, started at the same instant (half the
-        workers each): both halves meet the same engine steps, so their difference is the gateway's own."""
-        half = len(self._conns) // 2
-        assert half and concurrency >= 2, "a paired level needs two workers and two streams"
-        parts = [
-            ("direct", [direct], calls[0::2], concurrency // 2, {}, half),
-            ("gateway", [gateway], calls[1::2], concurrency - concurrency // 2, gateway_extra, half),
-        ]
-        direct_level, gateway_level = self._run_jobs(parts, max_tokens, concurrency)
-        return direct_level, gateway_level
-
-    def _run_jobs(self, parts: list[Any], max_tokens: int, concurrency: int) -> list[Level]:
-        """Each part (path, targets, calls, streams, extra, workers) on workers of its own, all from one start."""
         start_at = time.time() + 0.5 + 0.02 * concurrency  # time for every worker to open its connections
-        sent: list[tuple[int, Connection]] = []
-        conns = iter(self._conns)
-        for index, (path, targets, calls, streams, extra, jobs) in enumerate(parts):
-            jobs = max(1, min(jobs, streams, len(calls)))
-            for i in range(jobs):
-                share = streams // jobs + (1 if i < streams % jobs else 0)
-                job = Job(path, targets[i % len(targets)], calls[i::jobs], max_tokens, share, start_at, **extra)
-                conn = next(conns)
-                conn.send(job)
-                sent.append((index, conn))
-        results: list[list[JobResult]] = [[] for _ in parts]
-        for index, conn in sent:
+        sent = []
+        for i in range(jobs):
+            share = concurrency // jobs + (1 if i < concurrency % jobs else 0)
+            job = Job(path, targets[i % len(targets)], calls[i::jobs], max_tokens, share, start_at, **extra)
+            self._conns[i].send(job)
+            sent.append(self._conns[i])
+        results = []
+        for conn in sent:
             result = conn.recv()
             if isinstance(result, BaseException):
                 raise result
-            results[index].append(result)
-        levels = []
-        for part in results:
-            samples = [s for r in part for s in r.samples]
-            first = min(r.started for r in part)
-            wall = max(r.ended for r in part) - first
-            levels.append(Level(samples, wall, [r.cpu_s for r in part], max(r.started for r in part) - first))
-        return levels
+            results.append(result)
+        samples = [s for r in results for s in r.samples]
+        first = min(r.started for r in results)
+        wall = max(r.ended for r in results) - first
+        return Level(samples, wall, [r.cpu_s for r in results], max(r.started for r in results) - first)
 
     def close(self) -> None:
         for conn in self._conns:

@@ -86,13 +86,6 @@ def text(results: dict[str, Any]) -> str:
                     f"{more['tpot_p99_ms']:.2f} | added TTFT {more['added_ttft_p50_ms']:.1f}/"
                     f"{more['added_ttft_p99_ms']:.1f}"
                 )
-            for pair in row.get("paired", []):
-                lines.append(
-                    f"{'':>12}paired, same bursts ({pair['workers']} worker{'s' if pair['workers'] > 1 else ''}): "
-                    f"direct TTFT {pair['direct']['ttft_p50_ms']:.1f}/{pair['direct']['ttft_p99_ms']:.1f} | gateway "
-                    f"TTFT {pair['gateway']['ttft_p50_ms']:.1f}/{pair['gateway']['ttft_p99_ms']:.1f} | added TTFT "
-                    f"{pair['added_ttft_p50_ms']:.1f}/{pair['added_ttft_p99_ms']:.1f}"
-                )
     loads = results.get("adapter_loads", {})
     if loads:
         lines.append("")

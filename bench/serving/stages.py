@@ -112,30 +112,8 @@ class ServiceBench:
         for q in ("p50", "p99"):  # the first gateway's, where earlier runs' results have them
             row[f"added_ttft_{q}_ms"] = row["gateway"][f"added_ttft_{q}_ms"]
             row[f"added_tpot_{q}_ms"] = row["gateway"][f"added_tpot_{q}_ms"]
-        if self.args.paired_latency and streams >= 2:
-            row["paired"] = [self.paired(streams, requests, i) for i in range(gateways)]
         added = ", ".join(f"{g['added_ttft_p50_ms']:.1f}" for g in (row["gateway"], *row["more_gateways"]))
         self.run.log(f"latency {streams} streams: added TTFT p50 {added} ms")
-        return row
-
-    def paired(self, streams: int, requests: int, gateway: int) -> dict[str, Any]:
-        """Half the streams direct and half through gateway ``gateway``, in the same bursts (LoadPool.run_paired)."""
-        calls = [("", p) for p in self.prompts(requests)]
-        direct, through = self.pool.run_paired(
-            self.direct,
-            self.gateways[gateway],
-            calls,
-            self.args.output_tokens,
-            streams,
-            key=self.key,
-            base_model=self.base,
-        )
-        row: dict[str, Any] = {"workers": self.gateway_workers[gateway]}
-        row["direct"], row["gateway"] = report.summarize(direct), report.summarize(through)
-        for q in ("p50", "p99"):
-            for metric in ("ttft", "tpot"):
-                key = f"{metric}_{q}_ms"
-                row[f"added_{key}"] = row["gateway"][key] - row["direct"][key]
         return row
 
     def sequential_ttft(self, names: list[str]) -> list[float]:

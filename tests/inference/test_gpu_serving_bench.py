@@ -32,7 +32,7 @@ def run_bench(out: Path, *extra: str) -> dict[str, Any]:
 
 def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
     # The first gateway runs two worker processes: its token counter (checked below) adds up both.
-    data = run_bench(tmp_path, "--gateway-workers", "2,1", "--latency-gateways", "2", "--paired-latency")
+    data = run_bench(tmp_path, "--gateway-workers", "2,1", "--latency-gateways", "2")
     assert data["skipped"] == []
     assert set(data["throughput"]) == {"base", "1 adapter", "2 adapters", "3 adapters, 2 slots"}
     for case, row in data["throughput"].items():
@@ -51,12 +51,6 @@ def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
         assert row["gateway"]["tpot_p50_ms"] > 0 and row["gateway"]["workers"] == 2
         (other,) = row["more_gateways"]  # the same level through the one-process gateway
         assert other["workers"] == 1 and other["errors"] == 0 and other["tpot_p50_ms"] > 0
-    assert "paired" not in data["latency"]["1"]  # one stream cannot be split
-    paired = data["latency"]["2"]["paired"]  # one stream direct and one through each gateway, in the same bursts
-    assert [p["workers"] for p in paired] == [2, 1]
-    for pair in paired:
-        assert pair["direct"]["errors"] == pair["gateway"]["errors"] == 0
-        assert pair["direct"]["requests"] + pair["gateway"]["requests"] == 2  # the level's requests, split
     loads = data["adapter_loads"]
     for key in ("cold rank 8 (store -> first token)", "cold rank 16 (store -> first token)"):
         assert loads[key]["n"] == 1 and loads[key]["p50_ms"] > 0
