@@ -132,6 +132,15 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
+def group_left(pgid: int, timeout_s: float = 10.0) -> list[psutil.Process]:
+    """``group_members`` once the group is empty, or what is still there after ``timeout_s``: a process that
+    was sent SIGKILL runs on until the kernel has torn it down (vLLM's engine core: its large mappings)."""
+    deadline = time.monotonic() + timeout_s
+    while (members := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return members
+
+
 def still_running(processes: Iterable[psutil.Process]) -> list[str]:
     """Those of ``processes`` (the same process: pid and start time) that still run, described."""
     left = []

@@ -44,7 +44,7 @@ from tests.e2e.fault_fleet import (
     write_adapter,
 )
 from tests.inference.inference_helpers import EvilPickle
-from tests.service_processes import ServiceProcess, group_members, grpc_probe
+from tests.service_processes import ServiceProcess, group_left, group_members, grpc_probe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine, pytest.mark.timeout(600)]
 
@@ -163,7 +163,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path) -
             if proc.popen.poll() is None:
                 proc.terminate(10)
             proc.kill()  # the whole group: vLLM's engine core too
-            assert group_members(proc.pid) == [], f"{proc.service} left processes behind"
+            assert group_left(proc.pid) == [], f"{proc.service} left processes behind"
         if mounted:
             subprocess.run(["umount", "-l", str(tmpfs)], check=False)
         s3.stop()

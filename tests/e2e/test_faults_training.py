@@ -25,7 +25,7 @@ from lorafleet_common.adapters import latest_key, read_metadata
 from lorafleet_common.settings import EMBEDDED_BASE_MODEL
 from tests.conftest import free_port
 from tests.e2e.fault_fleet import ADMIN_KEY, RestartableS3, service_home, sigkill_main, start, start_gateway
-from tests.service_processes import ServiceProcess, group_members, grpc_probe
+from tests.service_processes import ServiceProcess, group_left, group_members, grpc_probe
 from tests.trainer.conftest import SEED_PAIRS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -87,7 +87,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path) -
             if proc.popen.poll() is None:
                 proc.terminate(15)
             proc.kill()
-            assert group_members(proc.pid) == [], f"{proc.service} left processes behind"
+            assert group_left(proc.pid) == [], f"{proc.service} left processes behind"
         s3.stop()
 
 
