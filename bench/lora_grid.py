@@ -1,12 +1,13 @@
-"""vLLM's LoRA kernels with vLLM's launch grid and with the replica's tight grid (lorafleet_inference.lora_grid),
-side by side on this GPU: time per engine step and the outputs' agreement, for the shapes of a model's projections.
+"""vLLM's LoRA kernels with vLLM's launch grid and over the replica's per-adapter chunks
+(lorafleet_inference.lora_grid), side by side on this GPU: time per engine step and the outputs' agreement, for the
+shapes of a model's projections, plus the host time the chunk tables add to a step.
 
 Both use the replica's packaged kernel configurations (the ones it serves with); the cases, metadata and timer
 are tune_lora_kernels.py's (vLLM's own ops on ``LoRAKernelMeta`` metadata, adapters in contiguous runs of equal
-size, GPU time behind a sleep kernel). Steps of 512 tokens or more: the ones served without CUDA graphs, where
-the tight grid applies.
+size); each time is a CUDA-graph replay of the launches, so the GPU's time and not the host's (the steps of up to
+512 tokens are decode steps, served from CUDA graphs; larger ones are prefill chunks, launched eagerly).
 
-    python bench/lora_grid.py --out DIR [--tokens 512,2048,8192,16384] [--actives 1,8,32]
+    python bench/lora_grid.py --out DIR [--tokens 256,512,2048,8192,16384] [--actives 1,8,32]
 """
 
 from __future__ import annotations
@@ -24,26 +25,110 @@ sys.path.insert(0, str(ROOT / "services" / "inference" / "src"))
 PACKAGED_CONFIGS = ROOT / "services" / "inference" / "src" / "lorafleet_inference" / "lora_kernel_configs"
 
 from serving.lora_kernels import MODEL_SHAPES, active_counts, kernel_shapes  # noqa: E402
-from tune_lora_kernels import Case, GpuTimer  # noqa: E402
+from tune_lora_kernels import Case  # noqa: E402
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def compare(timer: GpuTimer, tight: Any, case: Case) -> dict[str, Any]:
-    """vLLM's grid, then the tight one, on the same case: milliseconds per launch and the outputs' difference."""
-    recorded = dict(tight.largest)
+def graph_ms(case: Case, reps: int = 8, replays: int = 5) -> float:
+    """GPU milliseconds per launch, as a decode step runs them: ``reps`` launches (cycling the weight copies)
+    captured in one CUDA graph, the median of ``replays`` timed replays. No host time in it, whatever the grid."""
+    import statistics
+
+    import torch
+
+    case.launch(0)  # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            case.launch(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph
+    return statistics.median(times)
+
+
+def compare(chunks: Any, case: Case) -> dict[str, Any]:
+    """vLLM's grid, then the chunks, on the same case: milliseconds per launch and the outputs' difference."""
     outputs, ms = [], []
-    for largest in ({}, recorded):
-        tight.largest = dict(largest)
-        ms.append(timer.measure(case))
+    for enabled in (False, True):
+        chunks.enabled = enabled
+        ms.append(graph_ms(case))
         case.out.zero_()
         case.launch(0)
         outputs.append(case.out.float().clone())
-    tight.largest = recorded
     scale = float(outputs[0].abs().max()) or 1.0
-    return {"vllm_ms": ms[0], "tight_ms": ms[1], "relative_error": float((outputs[1] - outputs[0]).abs().max()) / scale}
+    return {
+        "vllm_ms": ms[0],
+        "chunks_ms": ms[1],
+        "relative_error": float((outputs[1] - outputs[0]).abs().max()) / scale,
+    }
+
+
+def prepare_host_us(chunks: Any, max_loras: int, max_tokens: int, reps: int = 200) -> dict[str, float]:
+    """Host microseconds of vLLM's ``prepare_tensors`` for a decode step of 256 tokens over 32 adapters, without
+    and with the chunk tables it now fills (the one cost the chunks add to every step with several adapters)."""
+    import torch
+    from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+    from vllm.lora.utils import get_captured_lora_counts
+
+    meta = LoRAKernelMeta.make(max_loras, max_tokens, "cuda", get_captured_lora_counts(max_loras, True))
+    mapping = torch.arange(256, dtype=torch.int32) * 32 // 256  # built on the host, as vLLM's runner does
+    out = {}
+    for enabled in (False, True):
+        chunks.enabled = enabled  # off: prepare_tensors fills no tables
+        meta.prepare_tensors(mapping.cuda())
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(reps):
+            meta.prepare_tensors(mapping.cuda())
+        torch.cuda.synchronize()
+        out["chunks" if enabled else "vllm"] = round((time.perf_counter() - began) / reps * 1e6, 1)
+    return out
+
+
+def graph_check(chunks: Any, model: Any, rank: int, max_loras: int) -> dict[str, float]:
+    """Each kernel of a decode step (256 tokens, 32 adapters) captured in a CUDA graph over the chunks, replayed
+    after vLLM prepared another step (the same adapters in uneven shares), against vLLM's grid run eagerly on that
+    step: the largest difference, relative to the output's size."""
+    import torch
+
+    errors = {}
+    for shape in kernel_shapes(model, rank):
+        case = Case(shape, 256, 32, max_loras, 1, "cuda")
+        case.launch(0)  # compiled before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            case.launch(0)
+        shares = torch.tensor([1] * 31 + [225])[torch.randperm(32)]
+        mapping = torch.repeat_interleave(torch.arange(32) * max_loras // 32, shares)[torch.randperm(256)]
+        case.meta.prepare_tensors(mapping.int().cuda())
+        outputs = []
+        for replay in (True, False):
+            chunks.enabled = replay  # the reference: vLLM's grid on its own metadata
+            case.out.zero_()
+            if replay:
+                graph.replay()
+            else:
+                case.launch(0)
+            torch.cuda.synchronize()
+            outputs.append(case.out.float().clone())
+        chunks.enabled = True
+        scale = float(outputs[1].abs().max()) or 1.0
+        errors[shape.label] = float((outputs[0] - outputs[1]).abs().max()) / scale
+        del graph, case
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-7b")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=32)
-    p.add_argument("--tokens", type=ints, default=[512, 2048, 8192, 16384])
+    p.add_argument("--tokens", type=ints, default=[1, 64, 256, 512, 2048, 8192, 16384])
     p.add_argument("--actives", type=ints, default=[1, 8, 32])
     p.add_argument("--layers", type=int, default=4, help="weight copies cycled through while timing")
     args = p.parse_args(argv)
@@ -63,23 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_CONFIGS)
     import torch
 
-    tight = lora_grid.TightGrid()
-    if not lora_grid.install(tight):
-        print("this vLLM's LoRA kernels do not take the tight grid", file=sys.stderr)
+    chunks = lora_grid.ChunkGrid()
+    if not lora_grid.install(chunks):
+        print("this vLLM's LoRA kernels do not take the chunk grid", file=sys.stderr)
         return 2
-    timer = GpuTimer()
     model = MODEL_SHAPES[args.model]
     rows = []
     for shape in kernel_shapes(model, args.rank):
         for m in args.tokens:
             for active in active_counts(args.actives, m, args.max_loras):
-                case = Case(shape, m, active, args.max_loras, args.layers, "cuda")  # prepares: records the count
-                row = {"op": shape.op, "name": shape.name, "m": m, "active": active} | compare(timer, tight, case)
+                case = Case(shape, m, active, args.max_loras, args.layers, "cuda")  # prepares: fills the tables
+                row = {"op": shape.op, "name": shape.name, "m": m, "active": active} | compare(chunks, case)
                 row["per_step"] = shape.calls_per_layer * model.layers
                 rows.append(row)
                 print(
                     f"{shape.label:16} m={m:<6} active={active:<3} vllm {row['vllm_ms'] * 1e3:8.1f} us  "
-                    f"tight {row['tight_ms'] * 1e3:8.1f} us  err={row['relative_error']:.1e}",
+                    f"chunks {row['chunks_ms'] * 1e3:8.1f} us  err={row['relative_error']:.1e}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -89,20 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         acc = totals.setdefault((row["m"], row["active"]), [0.0, 0.0])
         acc[0] += row["vllm_ms"] * row["per_step"]
-        acc[1] += row["tight_ms"] * row["per_step"]
+        acc[1] += row["chunks_ms"] * row["per_step"]
     lines = [
-        "| tokens in step | adapters active | vLLM's grid ms | tight grid ms | speed-up |",
+        "| tokens in step | adapters active | vLLM's grid ms | chunks ms | speed-up |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {m} | {a} | {v:.2f} | {t:.2f} | {v / t:.2f}x |" for (m, a), (v, t) in sorted(totals.items())]
     worst = max(row["relative_error"] for row in rows)
+    prepare = prepare_host_us(chunks, args.max_loras, max(args.tokens))
+    graphs = graph_check(chunks, model, args.rank, args.max_loras)
     gpu = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"gpu": gpu, "args": {k: str(v) for k, v in vars(args).items()}, "worst_relative_error": worst}
+    summary["prepare_host_us"], summary["graph_replay_relative_error"] = prepare, graphs
     (args.out / "grid.json").write_text(json.dumps(summary | {"rows": rows}, indent=1) + "\n")
     seconds = time.monotonic() - began
     print(f"{gpu}, LoRA kernel time per engine step (all layers), largest difference {worst:.1e}, {seconds:.0f} s")
     print("\n".join(lines))
+    print(f"host time of vLLM's per-step metadata (us): {prepare}")
+    print(f"CUDA graph over chunks, replayed on another step, vs vLLM's grid eagerly: {graphs}")
     return 0
 
 

