@@ -4,8 +4,8 @@ shapes of a model's projections, plus the host time the chunk tables add to a st
 
 Both use the replica's packaged kernel configurations (the ones it serves with); the cases, metadata and timer
 are tune_lora_kernels.py's (vLLM's own ops on ``LoRAKernelMeta`` metadata, adapters in contiguous runs of equal
-size); each time is a CUDA-graph replay of the launches, so the GPU's time and not the host's (the steps of up to
-512 tokens are decode steps, served from CUDA graphs; larger ones are prefill chunks, launched eagerly).
+size, the GPU time of CUDA-graph replays: no host time in it). Steps of up to 512 tokens are decode steps (served
+from CUDA graphs), larger ones prefill chunks (launched eagerly).
 
     python bench/lora_grid.py --out DIR [--tokens 256,512,2048,8192,16384] [--actives 1,8,32]
 """
@@ -25,45 +25,19 @@ sys.path.insert(0, str(ROOT / "services" / "inference" / "src"))
 PACKAGED_CONFIGS = ROOT / "services" / "inference" / "src" / "lorafleet_inference" / "lora_kernel_configs"
 
 from serving.lora_kernels import MODEL_SHAPES, active_counts, kernel_shapes  # noqa: E402
-from tune_lora_kernels import Case  # noqa: E402
+from tune_lora_kernels import Case, GpuTimer  # noqa: E402
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def graph_ms(case: Case, reps: int = 8, replays: int = 5) -> float:
-    """GPU milliseconds per launch, as a decode step runs them: ``reps`` launches (cycling the weight copies)
-    captured in one CUDA graph, the median of ``replays`` timed replays. No host time in it, whatever the grid."""
-    import statistics
-
-    import torch
-
-    case.launch(0)  # compiled before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            case.launch(i)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    del graph
-    return statistics.median(times)
-
-
-def compare(chunks: Any, case: Case) -> dict[str, Any]:
+def compare(timer: GpuTimer, chunks: Any, case: Case) -> dict[str, Any]:
     """vLLM's grid, then the chunks, on the same case: milliseconds per launch and the outputs' difference."""
     outputs, ms = [], []
     for enabled in (False, True):
         chunks.enabled = enabled
-        ms.append(graph_ms(case))
+        ms.append(timer.measure(case))
         case.out.zero_()
         case.launch(0)
         outputs.append(case.out.float().clone())
@@ -153,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         print("this vLLM's LoRA kernels do not take the chunk grid", file=sys.stderr)
         return 2
     model = MODEL_SHAPES[args.model]
+    timer = GpuTimer()
     rows = []
     for shape in kernel_shapes(model, args.rank):
         for m in args.tokens:
             for active in active_counts(args.actives, m, args.max_loras):
                 case = Case(shape, m, active, args.max_loras, args.layers, "cuda")  # prepares: fills the tables
-                row = {"op": shape.op, "name": shape.name, "m": m, "active": active} | compare(chunks, case)
+                row = {"op": shape.op, "name": shape.name, "m": m, "active": active} | compare(timer, chunks, case)
                 row["per_step"] = shape.calls_per_layer * model.layers
                 rows.append(row)
                 print(

@@ -9,11 +9,16 @@ max_loras slots, against the default in the same run, and writes the winners as
 
 The calls are vLLM's own (``_lora_shrink`` / ``_lora_expand``, the config lookup swapped for the candidate),
 on metadata built by vLLM's ``LoRAKernelMeta`` with ``specialize_active_lora`` as our replica runs it.
-Times are GPU time: a sleep kernel holds the stream while the launches queue, CUDA events around them; each
-repetition uses another layer's weights so the adapters are not all cache-resident.
+Times are GPU time: the launches captured in a CUDA graph, CUDA events around its replays (the first tuning timed
+eager launches behind a sleep kernel, whose small-step times held host time); each repetition uses another
+layer's weights so the adapters are not all cache-resident. With ``--chunk-grid`` the launches go over the
+replica's per-adapter chunks (lorafleet_inference.lora_grid), as it serves them.
 Candidates are compiled first in parallel processes (Triton's disk cache), then timed in this one.
 
     python bench/tune_lora_kernels.py --out DIR [--model qwen2.5-7b] [--budget-s 420]
+    # the decode steps again, over the chunk grid, into the shipped files:
+    python bench/tune_lora_kernels.py --out DIR --chunk-grid --tokens 16,32,64,128,256 \
+        --merge-into services/inference/src/lorafleet_inference/lora_kernel_configs
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from serving.lora_kernels import (
     KernelShape,
     active_counts,
     kernel_shapes,
+    merge_config_files,
     pick,
     space,
     token_counts,
@@ -98,11 +104,22 @@ def default_config(shape: KernelShape, m: int, max_loras: int) -> dict[str, Any]
     return dict(get_lora_op_configs(**vllm_lookup_args(shape, m, max_loras)))
 
 
+def install_chunk_grid() -> bool:
+    """The replica's LoRA grid (its engine processes install the same) in this process and, through the import
+    below, in the compile workers that call it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference" / "src"))
+    from lorafleet_inference import lora_grid
+
+    return lora_grid.install()
+
+
 def compile_share(args: argparse.Namespace, worker: int, workers: int) -> int:
     """In a worker process: launch every `workers`-th candidate once per compile variant (fills Triton's cache)."""
     import torch
 
     torch.cuda.set_device(0)
+    if args.chunk_grid:
+        install_chunk_grid()
     model = MODEL_SHAPES[args.model]
     compiled = 0
     for shape in kernel_shapes(model, args.rank):
@@ -121,35 +138,35 @@ def compile_share(args: argparse.Namespace, worker: int, workers: int) -> int:
 
 
 class GpuTimer:
-    def __init__(self) -> None:
+    """GPU milliseconds per launch, as an engine step runs them: launches (cycling the weight copies) captured in
+    one CUDA graph, the median of timed replays. No host time in it, however small the kernel."""
+
+    def __init__(self, reps: int = 8, replays: int = 5) -> None:
         import torch
 
-        self.torch = torch
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1000)
-        start.record()
-        torch.cuda._sleep(2_000_000)
-        end.record()
-        end.synchronize()
-        self.cycles_per_ms = 2_000_000 / start.elapsed_time(end)
-
-    def ms(self, case: Case, reps: int) -> float:
-        """GPU milliseconds per launch: the launches queue behind a sleep long enough to cover their host cost."""
-        torch = self.torch
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(self.cycles_per_ms * 0.15 * reps))  # covers ~150 us of host time per launch
-        start.record()
-        for i in range(reps):
-            case.launch(i)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / reps
+        self.torch, self.reps, self.replays = torch, reps, replays
 
     def measure(self, case: Case) -> float:
-        case.launch(0)  # loads the compiled kernel
-        self.torch.cuda.synchronize()
-        rough = self.ms(case, 1)
-        return self.ms(case, 10 if rough < 0.3 else 3)
+        import statistics
+
+        torch = self.torch
+        case.launch(0)  # compiles (or fails, e.g. out of shared memory) before any capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(self.reps):
+                case.launch(i)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(self.replays):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / self.reps)
+        del graph
+        return statistics.median(times)
 
 
 def agree(case: Case, config: dict[str, Any], reference: dict[str, Any]) -> float:
@@ -194,7 +211,7 @@ def tune(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
     # expand first: its grid spans the whole output width for every active adapter, the likelier loser
     for shape in sorted(kernel_shapes(MODEL_SHAPES[args.model], args.rank), key=lambda s: s.op != "expand"):
         by_m: dict[int, dict[str, Any]] = {}
-        for m in token_counts(args.max_tokens):
+        for m in args.tokens or token_counts(args.max_tokens):
             if time.monotonic() > deadline:
                 print(f"deadline: stopped before {shape.label} m={m}", file=sys.stderr, flush=True)
                 break
@@ -258,12 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
     p.add_argument("--budget-s", type=float, default=420)
     p.add_argument("--joint-from", type=int, default=512, help="one config for every step of this many tokens or more")
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], help="step sizes (default: all)")
+    p.add_argument("--chunk-grid", action="store_true", help="time over the replica's chunk grid (lora_grid.py)")
+    p.add_argument("--merge-into", type=Path, help="config files whose entries for the tuned step sizes are replaced")
     args = p.parse_args(argv)
     began = time.monotonic()
     os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # the default config is the reference
     import torch
 
     gpu = torch.cuda.get_device_name()
+    if args.chunk_grid and not install_chunk_grid():
+        print("this vLLM's LoRA kernels do not take the chunk grid", file=sys.stderr)
+        return 2
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         done = sum(pool.map(compile_share, [args] * args.workers, range(args.workers), [args.workers] * args.workers))
     print(f"compiled {done} kernel variants in {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
@@ -273,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [(shapes[(r["op"], r["name"])], r["m"], r["tuned"]) for r in rows]
     tuned = {(r["op"], r["name"], r["m"]) for r in rows}
     for (op, name), shape in shapes.items():  # the deadline's leftovers keep the default (nearest-m would guess)
-        untuned = [m for m in token_counts(args.max_tokens) if (op, name, m) not in tuned]
+        untuned = [m for m in args.tokens or token_counts(args.max_tokens) if (op, name, m) not in tuned]
         chosen += [(shape, m, default_config(shape, m, args.max_loras)) for m in untuned]
     for name, data in vllm_config_files(gpu, args.max_loras, chosen).items():
+        if args.merge_into:  # the other step sizes keep the configurations they had
+            data = merge_config_files(json.loads((args.merge_into / name).read_text()), data)
         (args.out / name).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     table = step_table(rows, MODEL_SHAPES[args.model].layers)
     summary = {"gpu": gpu, "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.monotonic() - began}

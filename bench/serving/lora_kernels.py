@@ -230,3 +230,14 @@ def vllm_config_files(
         node = data.setdefault(str(max_loras + 1), {}).setdefault(str(shape.slices), {})
         node.setdefault(str(m), {}).setdefault(str(shape.k), {})[str(shape.n)] = config
     return files
+
+
+def merge_config_files(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with every entry ``new`` has replaced (nested dicts merged key by key; neither is changed)."""
+    merged = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config_files(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -156,3 +156,12 @@ def test_large_steps_share_one_config_chosen_on_all_of_them() -> None:
     assert picked[16].config == a and picked[256].config == c
     assert picked[1024].config == picked[16384].config == b
     assert picked[1024].ratios == pytest.approx({1: 0.7}) and picked[16384].ratios == pytest.approx({1: 0.6})
+
+
+def test_a_partial_tuning_replaces_only_its_own_entries() -> None:
+    shipped = {"33": {"2": {"16": {"3584": {"37888": {"block_m": 16}}}, "512": {"3584": {"37888": {"block_m": 64}}}}}}
+    retuned = {"33": {"2": {"16": {"3584": {"37888": {"block_m": 32}}}}}}
+    merged = lk.merge_config_files(shipped, retuned)
+    assert merged["33"]["2"]["16"]["3584"]["37888"] == {"block_m": 32}
+    assert merged["33"]["2"]["512"] == shipped["33"]["2"]["512"]
+    assert shipped["33"]["2"]["16"]["3584"]["37888"] == {"block_m": 16}  # the input is left as it was
