@@ -161,6 +161,51 @@ async def test_concurrent_first_requests_share_one_download_and_one_add(
     ]
 
 
+async def test_different_adapters_go_to_the_engine_together_within_capacity(
+    store: CountingStore, tmp_path: Path, adapter_dir: Callable[..., Path]
+) -> None:
+    """vLLM takes add_lora calls between engine steps: adds must not queue behind each other (or a lock)."""
+    folder = adapter_dir()
+    names = [f"m{i}" for i in range(6)]
+    for name in names:
+        publish(store, folder, name, "v1")
+    engine = FakeEngine(add_delay_s=0.2)
+    in_flight, most = 0, 0
+    add = engine.add_lora
+
+    async def counting_add(lora_request: Any) -> bool:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await add(lora_request)
+        finally:
+            in_flight -= 1
+
+    engine.add_lora = counting_add  # type: ignore[method-assign]
+    mgr = manager(store, engine, tmp_path, capacity=4)
+    loaded = await asyncio.gather(*(mgr.load(name) for name in names[:4]))
+    assert most == 4 and len(engine.added) == 4 and {a.key for a in loaded} == {f"{n}@v1" for n in names[:4]}
+    # full: the next two evict one idle adapter each; capacity holds while adds are in flight
+    most = 0
+    await asyncio.gather(*(mgr.load(name) for name in names[4:]))
+    assert len(mgr.loaded()) == 4 and len(engine.removed) == 2 and most == 2
+
+
+async def test_a_failed_add_gives_its_reserved_slot_back(
+    store: CountingStore, tmp_path: Path, adapter_dir: Callable[..., Path]
+) -> None:
+    folder = adapter_dir()
+    for name in ("a", "b"):
+        publish(store, folder, name, "v1")
+    engine = FakeEngine(fail_add=True)
+    mgr = manager(store, engine, tmp_path, capacity=1, load_timeout_s=0.5)
+    with pytest.raises(AdapterRejected):
+        await mgr.load("a")
+    engine.fail_add = False
+    assert (await mgr.load("b")).key == "b@v1"  # the one slot was not kept by the failed add
+
+
 async def test_a_cancelled_first_caller_does_not_cancel_the_load(
     store: CountingStore, tmp_path: Path, adapter_dir: Callable[..., Path]
 ) -> None:
