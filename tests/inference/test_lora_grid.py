@@ -196,6 +196,13 @@ def test_launcher_uses_the_tables_of_the_metadata_it_is_given() -> None:
     other = torch.zeros(33, dtype=torch.int32)  # metadata the grid has no tables for: vLLM's launch
     launcher[(16, 1, 32)](*args[:3], other, *args[4:])
     assert kernel.launches[-1][0] == (16, 1, 32)
+    # vLLM's grid (one entry) gets M rounded up to 16: the same m-blocks, one compiled variant for every M
+    launcher[(5, 1, 1)](*args[:1], 70, *args[2:])
+    assert kernel.launches[-1][0] == (5, 1, 1) and kernel.launches[-1][1][1] == 80
+    launcher[(5, 1, 1)](*args[:1], **{"M": 65}, **dict(zip(EXPAND_ARGS[2:], args[2:], strict=True)))
+    assert kernel.launches[-1][2]["M"] == 80
+    launcher[(1, 1, 1)](*args[:1], 1, *args[2:])  # one token: M 16, still one m-block
+    assert kernel.launches[-1][1][1] == 16
     chunks.enabled = False
     launcher[(16, 1, 32)](*args)
     grid, launched, kwargs = kernel.launches[-1]

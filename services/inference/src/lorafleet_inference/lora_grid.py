@@ -20,6 +20,11 @@ as the metadata. That is how vLLM's own metadata works, and why this holds insid
 same buffers, which every step refills before it. Steps whose adapter axis has one entry (one adapter, no
 base-model tokens) keep vLLM's grid, which is already tight for them, and cost nothing extra.
 
+Launches that keep vLLM's grid get M rounded up to a multiple of 16. Triton compiles a kernel variant per integer
+argument's divisibility by 16, so an eager prefill step of, say, 9,001 tokens would compile one in the middle of
+serving (vLLM's JIT monitor warns; the first LoRA traffic lost ~4 s on an H100). The rounding never changes the
+m-block count, cdiv(M, BLOCK_M) for BLOCK_M a multiple of 16, so the programs and their work are the same.
+
 Installed in vLLM's processes by the plugin (vllm_plugin.py) when the replica asks for it
 (``LORAFLEET_INFERENCE_LORA_TIGHT_GRID``, which the replica exports for its engine); a vLLM whose kernels do not
 have the expected arguments is left alone.
@@ -185,6 +190,11 @@ class ChunkTable:
         return self.rows.get(block_m)
 
 
+def with_m(at: Mapping[str, int], args: tuple[Any, ...], kwargs: Mapping[str, Any], m: int) -> tuple[Any, ...]:
+    """``args`` with M replaced (M passed by keyword: ``kwargs`` is changed by the caller instead)."""
+    return (*args[: at["M"]], m, *args[at["M"] + 1 :]) if at["M"] < len(args) else args
+
+
 def positions(arg_names: Sequence[str]) -> dict[str, int]:
     """Where the arguments the chunk launch reads or replaces sit in a kernel's signature."""
     return {name: list(arg_names).index(name) for name in NEEDED_ARGUMENTS}
@@ -261,12 +271,22 @@ class ChunkLauncher:
         return getattr(self.kernel, name)
 
     def _launch(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(grid, tuple) and len(grid) == 3 and grid[2] > 1 and self.chunks.enabled:
+        if not (isinstance(grid, tuple) and self.chunks.enabled):
+            return self.kernel[grid](*args, **kwargs)
+        chunked = False
+        if len(grid) == 3 and grid[2] > 1:
             at = self.at["num_tokens_per_lora"]
             counts = args[at] if at < len(args) else kwargs["num_tokens_per_lora"]
             table = self.chunks.tables.get(counts.data_ptr())
             if table is not None:
-                grid, args, kwargs = chunk_launch(self.at, grid, args, kwargs, table)
+                new_grid, args, kwargs = chunk_launch(self.at, grid, args, kwargs, table)
+                chunked, grid = new_grid != grid, new_grid
+        if not chunked:  # vLLM's grid: M rounded up to 16, one compiled variant whatever the step's size
+            m = args[self.at["M"]] if self.at["M"] < len(args) else kwargs["M"]
+            rounded = cdiv(m, 16) * 16
+            if rounded != m:
+                args = with_m(self.at, args, kwargs, rounded)
+                kwargs = dict(kwargs) | ({"M": rounded} if "M" in kwargs else {})
         return self.kernel[grid](*args, **kwargs)
 
 
