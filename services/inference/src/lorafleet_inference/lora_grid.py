@@ -121,11 +121,9 @@ def fill_kernel() -> Any:
 
 
 def fill_with_triton(meta: Any, table: ChunkTable) -> None:
-    entries = meta.num_tokens_per_lora.numel()
-    width = 1 << (entries - 1).bit_length()
-    block_v = max(16, min(256, 8192 // width))
-    grid = (len(BLOCK_MS), cdiv(table.length, block_v))
-    fill_kernel()[grid](
+    _, entries = table.shape
+    width, block_v = table.fill_geometry
+    fill_kernel()[(len(BLOCK_MS), cdiv(table.length, block_v))](
         meta.num_tokens_per_lora,
         meta.active_lora_ids,
         meta.lora_token_start_loc,
@@ -162,6 +160,9 @@ class ChunkTable:
             for i, block_m in enumerate(BLOCK_MS)
         }
         self.triton = device.type == "cuda"
+        # the fill kernel's entries rounded up to a power of two, and positions per program (~8k elements each)
+        width = 1 << (entries - 1).bit_length()
+        self.fill_geometry = (width, max(16, min(256, 8192 // width)))
 
     @staticmethod
     def shape_of(meta: Any) -> tuple[int, int]:
@@ -190,9 +191,22 @@ class ChunkTable:
         return self.rows.get(block_m)
 
 
-def with_m(at: Mapping[str, int], args: tuple[Any, ...], kwargs: Mapping[str, Any], m: int) -> tuple[Any, ...]:
-    """``args`` with M replaced (M passed by keyword: ``kwargs`` is changed by the caller instead)."""
-    return (*args[: at["M"]], m, *args[at["M"] + 1 :]) if at["M"] < len(args) else args
+def argument(at: Mapping[str, int], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str) -> Any:
+    """A kernel argument by name, passed by position or by keyword (``at``: ``positions(kernel.arg_names)``)."""
+    return args[at[name]] if at[name] < len(args) else kwargs[name]
+
+
+def replace_arguments(
+    at: Mapping[str, int], args: tuple[Any, ...], kwargs: Mapping[str, Any], replacements: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` with the named arguments replaced where they were passed."""
+    new_args, new_kwargs = list(args), dict(kwargs)
+    for name, value in replacements.items():
+        if at[name] < len(args):
+            new_args[at[name]] = value
+        else:
+            new_kwargs[name] = value
+    return tuple(new_args), new_kwargs
 
 
 def positions(arg_names: Sequence[str]) -> dict[str, int]:
@@ -210,22 +224,13 @@ def chunk_launch(
     count bound cdiv(M, BLOCK_M) + entries. A launch with one entry on the adapter axis, a block size without a
     table, a grid not of that form, or one larger than the table (never, for metadata vLLM prepared) comes back
     unchanged."""
-
-    def value(name: str) -> Any:
-        return args[at[name]] if at[name] < len(args) else kwargs[name]
-
-    block_m = value("BLOCK_M")
-    m_blocks = cdiv(value("M"), block_m)
+    block_m = argument(at, args, kwargs, "BLOCK_M")
+    m_blocks = cdiv(argument(at, args, kwargs, "M"), block_m)
     tables = table.row(block_m)
     if len(grid) != 3 or grid[2] < 2 or grid[0] % m_blocks or tables is None or m_blocks + grid[2] > table.length:
         return grid, args, dict(kwargs)
-    new_args, new_kwargs = list(args), dict(kwargs)
-    for name, replacement in (("M", block_m), *tables.items()):
-        if at[name] < len(args):
-            new_args[at[name]] = replacement
-        else:
-            new_kwargs[name] = replacement
-    return (grid[0] // m_blocks, grid[1], m_blocks + grid[2]), tuple(new_args), new_kwargs
+    new_args, new_kwargs = replace_arguments(at, args, kwargs, {"M": block_m} | tables)
+    return (grid[0] // m_blocks, grid[1], m_blocks + grid[2]), new_args, new_kwargs
 
 
 class ChunkGrid:
@@ -275,18 +280,15 @@ class ChunkLauncher:
             return self.kernel[grid](*args, **kwargs)
         chunked = False
         if len(grid) == 3 and grid[2] > 1:
-            at = self.at["num_tokens_per_lora"]
-            counts = args[at] if at < len(args) else kwargs["num_tokens_per_lora"]
+            counts = argument(self.at, args, kwargs, "num_tokens_per_lora")
             table = self.chunks.tables.get(counts.data_ptr())
             if table is not None:
                 new_grid, args, kwargs = chunk_launch(self.at, grid, args, kwargs, table)
                 chunked, grid = new_grid != grid, new_grid
         if not chunked:  # vLLM's grid: M rounded up to 16, one compiled variant whatever the step's size
-            m = args[self.at["M"]] if self.at["M"] < len(args) else kwargs["M"]
-            rounded = cdiv(m, 16) * 16
-            if rounded != m:
-                args = with_m(self.at, args, kwargs, rounded)
-                kwargs = dict(kwargs) | ({"M": rounded} if "M" in kwargs else {})
+            m = argument(self.at, args, kwargs, "M")
+            if m % 16:
+                args, kwargs = replace_arguments(self.at, args, kwargs, {"M": cdiv(m, 16) * 16})
         return self.kernel[grid](*args, **kwargs)
 
 
