@@ -358,11 +358,11 @@ class AdapterManager:
         try:
             await self._add_to_engine(adapter)
         except BaseException as exc:
-            self._adding -= 1
             self._slot_freed.set()  # the reserved slot is free again for whoever waits
             self._record_load("cpu", exc, started)
             raise
-        self._adding -= 1
+        finally:
+            self._adding -= 1
         self._record_load("cpu", None, started)
         self._loaded[adapter.key] = adapter
         self._activate(adapter.key)  # vLLM's add_lora also activates it in a GPU slot
