@@ -211,7 +211,7 @@ def tune(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
     # expand first: its grid spans the whole output width for every active adapter, the likelier loser
     for shape in sorted(kernel_shapes(MODEL_SHAPES[args.model], args.rank), key=lambda s: s.op != "expand"):
         by_m: dict[int, dict[str, Any]] = {}
-        for m in args.tokens or token_counts(args.max_tokens):
+        for m in args.tokens:
             if time.monotonic() > deadline:
                 print(f"deadline: stopped before {shape.label} m={m}", file=sys.stderr, flush=True)
                 break
@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-grid", action="store_true", help="time over the replica's chunk grid (lora_grid.py)")
     p.add_argument("--merge-into", type=Path, help="config files whose entries for the tuned step sizes are replaced")
     args = p.parse_args(argv)
+    args.tokens = args.tokens or token_counts(args.max_tokens)
     began = time.monotonic()
     os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # the default config is the reference
     import torch
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [(shapes[(r["op"], r["name"])], r["m"], r["tuned"]) for r in rows]
     tuned = {(r["op"], r["name"], r["m"]) for r in rows}
     for (op, name), shape in shapes.items():  # the deadline's leftovers keep the default (nearest-m would guess)
-        untuned = [m for m in args.tokens or token_counts(args.max_tokens) if (op, name, m) not in tuned]
+        untuned = [m for m in args.tokens if (op, name, m) not in tuned]
         chosen += [(shape, m, default_config(shape, m, args.max_loras)) for m in untuned]
     for name, data in vllm_config_files(gpu, args.max_loras, chosen).items():
         if args.merge_into:  # the other step sizes keep the configurations they had
