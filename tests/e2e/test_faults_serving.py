@@ -370,8 +370,7 @@ def test_replica_killed_mid_stream(fleet: Fleet) -> None:
     leftovers_gone: list[float] = []  # when the last process of the dead replica's group exited
 
     def watch_leftovers() -> None:
-        while group_members(victim.proc.pid) and time.monotonic() - killed < 20:
-            time.sleep(0.1)
+        group_left(victim.proc.pid, timeout_s=20)
         leftovers_gone.append(time.monotonic() - killed)
 
     watcher = threading.Thread(target=watch_leftovers, daemon=True)
