@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -313,3 +315,62 @@ def test_workers_neither_migrate_nor_plan_merges_but_worker_0(tmp_path: Path, in
     # Worker 0 sees half the traffic: it needs half the rate.
     assert merge_policy(settings, worker).min_tokens_per_s == 50
     assert merge_policy(settings).min_tokens_per_s == 100
+
+
+# A worker process of the gateway's metrics, as workers.py starts them: prometheus_client's multiprocess mode
+# is chosen at import, from PROMETHEUS_MULTIPROC_DIR, so it needs a process of its own.
+_METRICS_WORKER = """
+import sys
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from lorafleet_gateway.metrics import GatewayMetrics
+
+metrics = GatewayMetrics(CollectorRegistry(), multiprocess_dir=Path(sys.argv[1]))
+for target in ("10.0.0.1:7000", "10.0.0.2:7000"):
+    metrics.add_replica(target).inc()
+metrics.replica_ejections.labels(replica="10.0.0.2:7000").inc()
+shown = []
+if sys.argv[2] == "reader":
+    shown.append(metrics.exposition().decode())
+    metrics.forget_replica("10.0.0.2:7000")  # no longer in DNS
+    shown.append(metrics.exposition().decode())
+    metrics.add_replica("10.0.0.2:7000")  # back
+    shown.append(metrics.exposition().decode())
+print("\\f".join(shown))
+"""
+
+
+def test_a_replica_gone_from_dns_leaves_the_workers_metrics(tmp_path: Path) -> None:
+    """Multiprocess mode cannot remove a series, so a worker's reads leave out the gauges of replicas it retired,
+    the other workers' values of them included; its counters (history) stay."""
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def worker(role: str) -> list[dict[tuple[str, str], float]]:
+        out = subprocess.run(
+            [sys.executable, "-c", _METRICS_WORKER, str(tmp_path), role],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        return [replica_samples(text) for text in out.split("\f")] if out.strip() else []
+
+    def replica_samples(text: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels["replica"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if "replica" in s.labels and not s.name.endswith("_created")
+        }
+
+    worker("other")  # another worker, its files left in the folder with both replicas up and one stream each
+    before, retired, back = worker("reader")
+    gone = "10.0.0.2:7000"
+    assert before[("lorafleet_gateway_replica_up", gone)] == 1  # livemin of both workers
+    assert before[("lorafleet_gateway_replica_in_flight", gone)] == 2  # livesum of both workers
+    assert ("lorafleet_gateway_replica_up", gone) not in retired
+    assert ("lorafleet_gateway_replica_in_flight", gone) not in retired
+    assert retired[("lorafleet_gateway_replica_ejections_total", gone)] == 2  # history stays
+    assert retired[("lorafleet_gateway_replica_in_flight", "10.0.0.1:7000")] == 2  # the other replica untouched
+    assert back == before

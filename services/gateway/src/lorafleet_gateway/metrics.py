@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -68,6 +69,8 @@ class GatewayMetrics:
         """``multiprocess_dir``: the workers' prometheus_client multiprocess folder, None for a single process."""
         self.registry = registry
         self._multiprocess_dir = multiprocess_dir
+        # Multiprocess mode: replicas this worker stopped routing to, whose series its reads leave out.
+        self._retired_replicas: set[str] = set()
         self.requests = Counter(
             "lorafleet_gateway_requests",
             "HTTP requests by route template, tenant, model, model kind (base, adapter, none) and status code.",
@@ -179,13 +182,22 @@ class GatewayMetrics:
         self._tokens(tenant, model, "prompt").inc(prompt)
         self._tokens(tenant, model, "completion").inc(completion)
 
-    def forget_replica(self, target: str) -> None:
-        """Drop the series of a replica no longer routed to.
+    def add_replica(self, target: str) -> Gauge:
+        """A replica routed to from now on: up (1), its series shown again if it was retired; returns its in-flight
+        gauge child, for the replica to bind once."""
+        self._retired_replicas.discard(target)
+        self.replica_up.labels(replica=target).set(1)
+        return self.replica_in_flight.labels(replica=target)
 
-        prometheus_client cannot remove a series in multiprocess mode: there the replica keeps its last values
-        until the gateway restarts (its in-flight count still falls to 0 as its last streams end).
+    def forget_replica(self, target: str) -> None:
+        """Drop the gauge series of a replica no longer routed to (its counters stay: they are history).
+
+        prometheus_client cannot remove a series in multiprocess mode, where every worker's files keep their
+        values: there this worker's reads leave the replica's gauges out instead. Each worker retires a replica on
+        its own DNS refresh, so for up to one refresh interval a worker that has not yet may still show it.
         """
         if self._multiprocess_dir is not None:
+            self._retired_replicas.add(target)
             return
         for gauge in (self.replica_up, self.replica_in_flight):
             with contextlib.suppress(KeyError):
@@ -226,8 +238,26 @@ class GatewayMetrics:
         if self._multiprocess_dir is None:
             return self.registry
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self._multiprocess_dir))
+        registry.register(
+            _WithoutReplicas(MultiProcessCollector(None, path=str(self._multiprocess_dir)), set(self._retired_replicas))
+        )
         return registry
+
+
+class _WithoutReplicas(Collector):
+    """A collector's metrics less the replica gauges' samples of the given replicas."""
+
+    _GAUGES = frozenset({"lorafleet_gateway_replica_up", "lorafleet_gateway_replica_in_flight"})
+
+    def __init__(self, inner: Collector, replicas: set[str]) -> None:
+        self._inner = inner
+        self._replicas = replicas
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._inner.collect():
+            if self._replicas and metric.name in self._GAUGES:
+                metric.samples = [s for s in metric.samples if s.labels.get("replica") not in self._replicas]
+            yield metric
 
 
 def _named(families: Iterable[Metric], name: str) -> list[Metric]:

@@ -195,9 +195,8 @@ class ReplicaSet:
             channel=channel,
             stub=inference_pb2_grpc.InferenceServiceStub(channel),
             health=health_pb2_grpc.HealthStub(channel),
-            in_flight_gauge=self._metrics.replica_in_flight.labels(replica=target),
+            in_flight_gauge=self._metrics.add_replica(target),
         )
-        self._metrics.replica_up.labels(replica=target).set(1)
         logger.info("inference replica %s added", target)
 
     def _retire(self, replica: Replica) -> None:
