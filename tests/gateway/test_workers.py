@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -172,11 +173,13 @@ def chat_burst(url: str, count: int, model: str = BASE_MODEL) -> list[str]:
         return list(pool.map(lambda _: stream_chat(url, model), range(count)))
 
 
-def chats_per_worker(metrics_dir: Path) -> dict[int, float]:
-    """Successful chats counted by each worker process, read from its own counter file."""
-    counts: dict[int, float] = {}
-    for path in metrics_dir.glob("counter_*.db"):
-        pid = int(path.stem.removeprefix("counter_"))
+def chats_per_worker(metrics_dir: Path, which: str = "[0-9]*") -> dict[Any, float]:
+    """Successful chats counted by each worker process, read from its own counter file (by pid), or ``"archive"``:
+    those of dead workers."""
+    counts: dict[Any, float] = {}
+    for path in metrics_dir.glob(f"counter_{which}.db"):
+        pid = path.stem.removeprefix("counter_")
+        pid = int(pid) if pid.isdigit() else pid
         counts[pid] = 0.0
         for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
             _family, name, labels, _help = json.loads(key)
@@ -215,6 +218,8 @@ def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(
     victim = min(first)
     metrics_dir = gateway.metrics_dir()
     assert list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
+    victim_chats = chats_per_worker(metrics_dir)[victim]
+    assert victim_chats > 0
 
     os.kill(victim, signal.SIGKILL)
 
@@ -222,8 +227,10 @@ def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(
     after = gateway.wait_workers_listening(2)
     assert victim not in after and len(after & first) == 1
     assert chat_burst(gateway.url, 20) == [REPLY] * 20
-    # The dead worker's gauges (in flight, replica up) left the totals; its counters stayed in them.
-    assert not list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
+    # The dead worker's gauges (in flight, replica up) left the totals; its counters stayed in them, folded into
+    # the archive files with its own files gone, so restarts pile up no files.
+    assert not list(metrics_dir.glob(f"*_{victim}.db"))
+    assert chats_per_worker(metrics_dir, "archive") == {"archive": victim_chats}
     assert gateway.chat_count() == 30
     assert "exited (killed by SIGKILL)" in gateway.proc.log_path.read_text()
 

@@ -8,15 +8,18 @@ process's files, so they show the whole gateway whichever worker answers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -238,26 +241,62 @@ class GatewayMetrics:
         if self._multiprocess_dir is None:
             return self.registry
         registry = CollectorRegistry()
-        registry.register(
-            _WithoutReplicas(MultiProcessCollector(None, path=str(self._multiprocess_dir)), set(self._retired_replicas))
-        )
+        registry.register(_WorkerFiles(self._multiprocess_dir, set(self._retired_replicas)))
         return registry
 
 
-class _WithoutReplicas(Collector):
-    """A collector's metrics less the replica gauges' samples of the given replicas."""
+class _WorkerFiles(Collector):
+    """Every worker's files added up, read while no dead worker's files are being folded (``fold_dead_worker``),
+    less the replica gauges of the given replicas."""
 
     _GAUGES = frozenset({"lorafleet_gateway_replica_up", "lorafleet_gateway_replica_in_flight"})
 
-    def __init__(self, inner: Collector, replicas: set[str]) -> None:
-        self._inner = inner
-        self._replicas = replicas
+    def __init__(self, folder: Path, retired_replicas: set[str]) -> None:
+        self._folder = folder
+        self._inner = MultiProcessCollector(None, path=str(folder))
+        self._retired = retired_replicas
 
     def collect(self) -> Iterable[Metric]:
-        for metric in self._inner.collect():
-            if self._replicas and metric.name in self._GAUGES:
-                metric.samples = [s for s in metric.samples if s.labels.get("replica") not in self._replicas]
-            yield metric
+        with _folder_lock(self._folder, exclusive=False):
+            metrics = list(self._inner.collect())
+        for metric in metrics:
+            if self._retired and metric.name in self._GAUGES:
+                metric.samples = [s for s in metric.samples if s.labels.get("replica") not in self._retired]
+        return metrics
+
+
+def fold_dead_worker(folder: Path, pid: int) -> None:
+    """A worker process died: its live gauges leave the totals, its counters and histograms are added into the
+    folder's archive files and its own files deleted, so totals stay the same and restarts pile up no files.
+
+    Under the folder's lock: a read sees the dead worker's counts in its files or in the archive, never in both or
+    neither (a counter that jumped or went back would read as a reset to Prometheus).
+    """
+    mark_process_dead(pid, str(folder))
+    with _folder_lock(folder, exclusive=True):
+        for kind in ("counter", "histogram"):
+            dead = folder / f"{kind}_{pid}.db"
+            if not dead.exists():
+                continue
+            archive = MmapedDict(str(folder / f"{kind}_archive.db"))
+            try:
+                for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(str(dead)):
+                    total, _ = archive.read_value(key)
+                    archive.write_value(key, total + value, timestamp)
+            finally:
+                archive.close()
+            dead.unlink()
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, *, exclusive: bool) -> Iterator[None]:
+    # Not a *.db name: prometheus_client reads every *.db file of the folder as metrics.
+    fd = os.open(folder / ".fold.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _named(families: Iterable[Metric], name: str) -> list[Metric]:

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from prometheus_client.multiprocess import mark_process_dead
-
 from lorafleet_gateway.db.database import migrate, open_engine
+from lorafleet_gateway.metrics import fold_dead_worker
 from lorafleet_gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -210,7 +209,7 @@ class Supervisor:
                     lived_s,
                 )
                 # Its live gauges (requests in flight...) leave the totals; its counters stay in them.
-                mark_process_dead(worker.process.pid, str(self._metrics_dir))
+                fold_dead_worker(self._metrics_dir, worker.process.pid)
                 quick_deaths = quick_deaths + 1 if lived_s < QUICK_DEATH_S else 0
                 if quick_deaths >= MAX_QUICK_DEATHS:
                     logger.error(
