@@ -8,7 +8,8 @@ before its first token). With ``workers`` > 1, ``python -m lorafleet_gateway`` b
   a listening socket of its own on the port with SO_REUSEPORT, and the kernel spreads new connections over
   them. (With one shared socket, whichever worker wakes first can accept a whole burst.);
 - gives them an empty prometheus_client multiprocess folder, so /metrics of any worker shows the whole gateway;
-- restarts a worker that dies, and gives up (exit 1) when workers keep dying right after their start;
+- restarts a worker that dies (its counters folded into the folder's archive files: totals stay, files do not pile
+  up), and gives up (exit 1) when workers keep dying right after their start;
 - on SIGTERM or SIGINT, has every worker drain its requests (uvicorn's graceful shutdown), then exits: 0 when
   each worker exited 0.
 """
