@@ -35,7 +35,14 @@ from lorafleet_gateway.app import create_app, merge_policy
 from lorafleet_gateway.db.database import current_revision, open_engine
 from lorafleet_gateway.deps import GatewayDeps
 from lorafleet_gateway.settings import GatewaySettings
-from lorafleet_gateway.workers import WorkerRole
+from lorafleet_gateway.workers import (
+    CANNOT_START_EXIT,
+    MAX_QUICK_DEATHS,
+    QUICK_DEATH_S,
+    Supervisor,
+    WorkerRole,
+    _Worker,
+)
 from tests.gateway.gateway_fakes import FakeInference, serve_inference
 from tests.gateway.gateway_harness import (
     ADAPTER,
@@ -284,6 +291,35 @@ def test_workers_that_cannot_start_stop_the_supervisor(unused_port: Callable[[],
     log = proc.log_path.read_text()
     assert code == 1, log
     assert "cannot bind 127.0.0.1" in log and "died 5 times in a row" in log
+    assert f"exited (exit code {CANNOT_START_EXIT})" in log
+
+
+@pytest.mark.parametrize(("code", "gives_up"), [(CANNOT_START_EXIT, True), (1, False)])
+def test_a_worker_that_could_not_start_died_at_start_however_long_it_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, gives_up: bool
+) -> None:
+    """On a loaded machine a worker's imports alone can outlast QUICK_DEATH_S: its exit code still tells."""
+    settings = GatewaySettings(admin_key=SecretStr("k"), home=tmp_path, workers=2, port=8000)
+    supervisor = Supervisor(settings, tmp_path)
+    starts: list[int] = []
+
+    class Exited:  # a worker process that exited ``code`` after QUICK_DEATH_S + 5 s
+        pid = 2**22 + 1  # above any pid_max: no process of the machine
+
+        def poll(self) -> int:
+            return code
+
+    def start(index: int) -> None:
+        starts.append(index)
+        supervisor._workers[index] = _Worker(index, Exited(), time.monotonic() - QUICK_DEATH_S - 5)  # type: ignore[arg-type]
+        if len(starts) == 20:
+            supervisor._stop_requested = True  # restarted many times: it would go on until stopped
+
+    monkeypatch.setattr(supervisor, "_start", start)
+    start(0)
+    start(1)
+    assert supervisor._keep_running() is gives_up
+    assert len(starts) == (2 + MAX_QUICK_DEATHS - 1 if gives_up else 20)
 
 
 def test_one_worker_is_the_single_process_gateway(start_gateway: Callable[..., GatewayProcess]) -> None:

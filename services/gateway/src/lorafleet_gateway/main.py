@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from lorafleet_common.logs import configure_logging
 from lorafleet_gateway.app import create_app
 from lorafleet_gateway.settings import GatewaySettings
-from lorafleet_gateway.workers import WorkerRole, follow_supervisor, reuse_port_socket, supervise
+from lorafleet_gateway.workers import CANNOT_START_EXIT, WorkerRole, follow_supervisor, reuse_port_socket, supervise
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ def serve(settings: GatewaySettings, worker: WorkerRole | None) -> None:
     # handler a clean drain ends as "killed by SIGTERM" (exit -15/143), which supervisors and tests cannot tell
     # from a kill mid-request. This handler makes the re-raised SIGTERM a no-op: a drained gateway exits 0. It
     # also covers a SIGTERM before uvicorn installs its own: the server then stops as soon as it has started.
+    stop_requested = False
+
     def stop(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
         server.should_exit = True
 
     signal.signal(signal.SIGTERM, stop)
@@ -98,8 +102,10 @@ def serve(settings: GatewaySettings, worker: WorkerRole | None) -> None:
         sock = reuse_port_socket(settings.host, settings.port)
     except OSError as exc:
         logger.error("gateway worker %d cannot bind %s:%d: %s", worker.index, settings.host, settings.port, exc)
-        raise SystemExit(1) from None
+        raise SystemExit(CANNOT_START_EXIT) from None
     server.run(sockets=[sock])
+    if not server.started and not stop_requested:  # its startup failed (logged by uvicorn)
+        raise SystemExit(CANNOT_START_EXIT)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Workers that keep dying this soon after their start (a port taken, a broken install) make the supervisor give up.
 QUICK_DEATH_S = 5.0
+# A worker's exit code when it could not start serving (the port cannot be bound, the app's startup failed): a
+# death at start however long the start took, which on a loaded machine can be more than QUICK_DEATH_S.
+CANNOT_START_EXIT = 3
 MAX_QUICK_DEATHS = 5
 # Past graceful_shutdown_s: the lifespan's own shutdown (closing gRPC channels and the database) takes a moment.
 KILL_MARGIN_S = 10.0
@@ -211,7 +214,8 @@ class Supervisor:
                 )
                 # Its live gauges (requests in flight...) leave the totals; its counters stay in them.
                 fold_dead_worker(self._metrics_dir, worker.process.pid)
-                quick_deaths = quick_deaths + 1 if lived_s < QUICK_DEATH_S else 0
+                at_start = lived_s < QUICK_DEATH_S or code == CANNOT_START_EXIT
+                quick_deaths = quick_deaths + 1 if at_start else 0
                 if quick_deaths >= MAX_QUICK_DEATHS:
                     logger.error(
                         "gateway workers died %d times in a row within %g s of their start: stopping the "
