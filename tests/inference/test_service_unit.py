@@ -454,25 +454,3 @@ def test_cpu_dtype_default_avoids_emulated_bfloat16(tmp_path: Path) -> None:
     settings = InferenceSettings(home=tmp_path)
     assert engine_dtype(settings, cuda=True) == "auto"
     assert engine_dtype(settings.model_copy(update={"dtype": "bfloat16"}), cuda=False) == "bfloat16"
-
-
-def test_every_metric_is_documented_in_docs_metrics_md() -> None:
-    import re
-
-    from prometheus_client.metrics import MetricWrapperBase
-
-    from lorafleet_inference.metrics import InferenceMetrics
-
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
-    section = doc.split("## Inference", 1)[1].split("\n## ", 1)[0]
-    documented = {}
-    for name, kind, labels in re.findall(r"^\| `(lorafleet_\w+)` \| (\w+) \| ([^|]*) \|", section, re.MULTILINE):
-        documented[name] = (kind, sorted(re.findall(r"`(\w+)`", labels)))
-    metrics = InferenceMetrics()
-    declared = {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
-    exposed = {}
-    for family in metrics.registry.collect():
-        name = family.name + ("_total" if family.type == "counter" else "")
-        labels = {k for s in family.samples for k in s.labels if k != "le"} | declared.get(family.name, set())
-        exposed[name] = (family.type, sorted(labels))
-    assert documented == exposed
