@@ -84,11 +84,7 @@ def serve(settings: GatewaySettings, worker: WorkerRole | None) -> None:
     # handler a clean drain ends as "killed by SIGTERM" (exit -15/143), which supervisors and tests cannot tell
     # from a kill mid-request. This handler makes the re-raised SIGTERM a no-op: a drained gateway exits 0. It
     # also covers a SIGTERM before uvicorn installs its own: the server then stops as soon as it has started.
-    stop_requested = False
-
     def stop(_signum: int, _frame: FrameType | None) -> None:
-        nonlocal stop_requested
-        stop_requested = True
         server.should_exit = True
 
     signal.signal(signal.SIGTERM, stop)
@@ -103,9 +99,8 @@ def serve(settings: GatewaySettings, worker: WorkerRole | None) -> None:
     except OSError as exc:
         logger.error("gateway worker %d cannot bind %s:%d: %s", worker.index, settings.host, settings.port, exc)
         raise SystemExit(CANNOT_START_EXIT) from None
+    # When the app's startup fails, uvicorn (>=0.50) itself exits with the same code, CANNOT_START_EXIT.
     server.run(sockets=[sock])
-    if not server.started and not stop_requested:  # its startup failed (logged by uvicorn)
-        raise SystemExit(CANNOT_START_EXIT)
 
 
 if __name__ == "__main__":

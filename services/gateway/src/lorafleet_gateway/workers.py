@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from uvicorn.config import STARTUP_FAILURE
+
 from lorafleet_gateway.db.database import migrate, open_engine
 from lorafleet_gateway.metrics import fold_dead_worker
 from lorafleet_gateway.settings import GatewaySettings
@@ -45,8 +47,9 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Workers that keep dying this soon after their start (a port taken, a broken install) make the supervisor give up.
 QUICK_DEATH_S = 5.0
 # A worker's exit code when it could not start serving (the port cannot be bound, the app's startup failed): a
-# death at start however long the start took, which on a loaded machine can be more than QUICK_DEATH_S.
-CANNOT_START_EXIT = 3
+# death at start however long the start took, which on a loaded machine can be more than QUICK_DEATH_S. It is
+# uvicorn's own code for a failed startup (since 0.50), so a failed lifespan startup gives it too.
+CANNOT_START_EXIT = STARTUP_FAILURE
 MAX_QUICK_DEATHS = 5
 # Past graceful_shutdown_s: the lifespan's own shutdown (closing gRPC channels and the database) takes a moment.
 KILL_MARGIN_S = 10.0
