@@ -38,6 +38,9 @@ peak FLOP/s, where N_matmul counts the weights of every matmul (base linears, Lo
 embedding lookup, not attention scores). 4N per token = 2N forward + 2N for the input gradients in the backward
 pass; the frozen base weights get no weight gradients (only LoRA's, ~0.3% of N), so the usual 6N would
 overstate the work. Recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
+Two peaks: the datasheet's (--peak-flops; on CUDA 989 TFLOP/s, an H100 SXM's dense bf16), column MFU; and, with
+--measure-peak (the default on CUDA), the best bf16 matmul rate measured on this device before the cases
+(training/matmul_peak.py), column "MFU meas", the denominator issue #8 states.
 
     python bench/trainer.py --smoke                          # CPU, embedded SmolLM2-135M, under a minute
     python bench/trainer.py --model qwen2.5-7b --seq-len 2048 --cases 'hf+peft +gc,ours packed x4 +gc cap22'
@@ -68,6 +71,7 @@ from typing import Any
 
 import torch
 from serving.model import QWEN25_7B  # bench/ is on sys.path: this file runs as a script
+from training.matmul_peak import measure_matmul_peak
 from training.profiling import profile_micro_batches, report_lines
 from training.random_weights import random_weights
 
@@ -408,12 +412,14 @@ def run_case(case: Case, model: Any, rows: list[TokenizedExample], args: argpars
         for param in model.parameters():
             param.grad = None
         release_memory(device)
-        return result | {"seconds": None, "tok_s": None, "mfu": None, "error": error}
+        return result | {"seconds": None, "tok_s": None, "mfu": None, "mfu_measured": None, "error": error}
     tokens = sum(len(r.input_ids) for r in rows)
     tok_s = tokens / seconds
     mfu = 4 * args.n_matmul * tok_s / args.peak_flops if args.peak_flops else None
+    measured = args.measured_peak["peak_flops"] if args.measured_peak else None
+    mfu_measured = 4 * args.n_matmul * tok_s / measured if measured else None
     print(f"  {case.name}: {tok_s:.1f} tok/s, peak {(peak or 0) / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-    result |= {"seconds": seconds, "tok_s": tok_s, "mfu": mfu, "warmup_s": warmup_seconds}
+    result |= {"seconds": seconds, "tok_s": tok_s, "mfu": mfu, "mfu_measured": mfu_measured, "warmup_s": warmup_seconds}
     if case.compile:
         result |= {
             "compile_s": compiled_after[0] - compiled_before[0],
@@ -472,6 +478,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases = [parse_case(name) for name in args.cases]
     if args.peak_flops is None and args.device.type == "cuda":
         args.peak_flops = 989e12
+    if args.measure_peak is None:
+        args.measure_peak = args.device.type == "cuda"
+    # Before any model is on the device: the GEMMs have the GPU (and its memory) to themselves.
+    args.measured_peak = measure_matmul_peak(args.device) if args.measure_peak else None
+    if args.measured_peak:
+        best = args.measured_peak["peak_flops"]
+        print(f"measured matmul peak: {best / 1e12:.1f} TFLOP/s", file=sys.stderr, flush=True)
     results: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
     rows: list[TokenizedExample] = []
@@ -529,6 +542,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "packs": len(train_loop.pack_rows(lengths, args.seq_len)),
         "models": info,
         "n_matmul": (info.get("base") or info.get("nf4") or {}).get("n_matmul", 0),
+        "measured_peak": args.measured_peak,
         "trainable": (info.get("base") or info.get("nf4") or {}).get("trainable", 0),
     }
 
@@ -538,6 +552,13 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
     dtype = "bf16" if args.device.type == "cuda" else "fp32"
     versions = ", ".join(f"{p} {pkg_metadata.version(p)}" for p in ("torch", "transformers", "peft"))
     peak = f"{args.peak_flops / 1e12:.0f} TFLOP/s" if args.peak_flops else "none given: MFU n/a"
+    measured = r.get("measured_peak")
+    if measured:
+        shapes = ", ".join(f"{s['m']}x{s['k']}x{s['n']} {s['flops_per_s'] / 1e12:.1f}" for s in measured["shapes"])
+        peak += (
+            f"; MFU meas: over the measured {measured['dtype']} matmul peak, {measured['peak_flops'] / 1e12:.1f} "
+            f"TFLOP/s (best of M x K x N: {shapes})"
+        )
     lines = [
         f"model {args.model_label}, {dtype}, {device} ({platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads), {versions}",
@@ -565,7 +586,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
         lines.append(line)
     lines += [
         "",
-        f"{'case':<28}{'tokens/s':>10}{'peak GiB':>10}{'reserved':>10}{'MFU':>8}{'vs hf':>7}{'mem vs hf':>11}",
+        f"{'case':<28}{'tokens/s':>10}{'peak GiB':>10}{'reserved':>10}{'MFU':>8}{'MFU meas':>9}{'vs hf':>7}"
+        f"{'mem vs hf':>11}",
     ]
     by_name = {c["case"]: c for c in r["cases"]}
     for case in r["cases"]:
@@ -582,8 +604,11 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
             continue
         mem_ratio = f"{case['peak_bytes'] / base['peak_bytes']:.2f}" if base.get("peak_bytes") else "n/a"
         mfu = f"{case['mfu']:.1%}" if case["mfu"] is not None else "n/a"
+        mfu_measured = f"{case['mfu_measured']:.1%}" if case.get("mfu_measured") is not None else "n/a"
         speed = f"{case['tok_s'] / base['tok_s']:.2f}" if base.get("tok_s") else "n/a"
-        lines.append(f"{name:<28}{case['tok_s']:>10.1f}{mem:>10}{reserved:>10}{mfu:>8}{speed:>7}{mem_ratio:>11}")
+        lines.append(
+            f"{name:<28}{case['tok_s']:>10.1f}{mem:>10}{reserved:>10}{mfu:>8}{mfu_measured:>9}{speed:>7}{mem_ratio:>11}"
+        )
     lines.append("(ratios against hf+peft with the same gradient checkpointing and quantization; GiB = 2^30 bytes)")
     for case in r["cases"]:
         if "compile_s" in case:
@@ -615,6 +640,12 @@ def main() -> int:
         "--warmup-rows", type=int, default=None, help="rows of each case's untimed warm-up epoch (default: all)"
     )
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (CUDA default 989e12)")
+    parser.add_argument(
+        "--measure-peak",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the device's matmul peak first, for the MFU meas column (default: on CUDA only)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--no-check", dest="check_packing", action="store_false", help="skip the packing check")
     parser.add_argument(

@@ -24,7 +24,7 @@ def test_trainer_bench_smoke(tmp_path: Path, embedded_model_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "trainer.py"), "--smoke", "--cases", ",".join(cases)]
         + ["--model", str(embedded_model_path), "--json-out", str(out)]
-        + ["--compile-backend", "aot_eager", "--profile", ",".join(PROFILED)],
+        + ["--compile-backend", "aot_eager", "--profile", ",".join(PROFILED), "--measure-peak"],
         capture_output=True,
         text=True,
         timeout=800,
@@ -40,6 +40,13 @@ def test_trainer_bench_smoke(tmp_path: Path, embedded_model_path: Path) -> None:
     assert [c["case"] for c in measured] == CASES
     assert all(c["tok_s"] > 0 and c["peak_bytes"] > 0 for c in measured)
     assert all(c["mfu"] is None for c in measured)  # CPU: no peak FLOP/s given, MFU is n/a
+    # --measure-peak: the device's best matmul rate (here fp32 on the CPU), and every case's MFU over it.
+    peak = data["measured_peak"]
+    assert peak["peak_flops"] == max(s["flops_per_s"] for s in peak["shapes"]) > 0
+    for case in measured:
+        expected = 4 * data["n_matmul"] * case["tok_s"] / peak["peak_flops"]
+        assert case["mfu_measured"] == pytest.approx(expected)
+    assert "MFU meas: over the measured float32 matmul peak" in result.stdout
     assert "needs a CUDA GPU" in data["cases"][-1]["skipped"]
     assert data["packs"] < data["rows"] and data["n_matmul"] > data["trainable"] > 0
     # The packing check: one pack of rows equals the same rows padded; attention across rows (the control) does not.
