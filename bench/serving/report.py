@@ -15,8 +15,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+# Where in a pass the requests' first and last tokens fall: comparing these between two paths tells a late start
+# (the first tokens later, the same spread) from a slow relay (the gap growing towards the end).
+TIMELINE_QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
 def summarize(level: Level) -> dict[str, Any]:
     ok = [s for s in level.samples if not s.error]
+    t0 = min((s.start for s in ok), default=0.0)
     tpot = [(s.total - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1]
     gaps = [g for s in ok for g in s.gaps]
     ms = 1000.0
@@ -40,6 +46,9 @@ def summarize(level: Level) -> dict[str, Any]:
         "latency_p50_ms": pct([s.total for s in ok], 0.5) * ms,
         "client_cpu_share_max": max(level.client_cpu_s) / level.wall_s if level.wall_s else 0.0,
         "start_skew_ms": level.start_skew_s * ms,
+        "timeline_quantiles": list(TIMELINE_QUANTILES),  # seconds from the first request sent:
+        "first_token_at_s": [pct([s.start - t0 + s.ttft for s in ok], q) for q in TIMELINE_QUANTILES],
+        "end_at_s": [pct([s.start - t0 + s.total for s in ok], q) for q in TIMELINE_QUANTILES],
     }
 
 
@@ -56,16 +65,23 @@ def text(results: dict[str, Any]) -> str:
         lines.append("(a/b) throughput: all requests submitted at once")
         lines.append(f"{'case':<26}{'path':<10}{'out tok/s':>10}{'req/s':>8}{'tok/req':>12}{'TTFT p50':>10}{'err':>5}")
         for case, row in tp.items():
-            for path in ("gateway", "gateway_all", "direct", "raw"):
-                if path not in row:
-                    continue
-                r = row[path]
+            extra = [(f"gw{i + 1} x{r['workers']}", r) for i, r in enumerate(row.get("more_gateways", []))]
+            for path, r in [(p, row[p]) for p in ("gateway", "gateway_all", "direct", "raw") if p in row] + extra:
                 span = f"{r['tokens_per_request_min']}-{r['tokens_per_request_max']}" if "ttft_p50_ms" in r else ""
                 ttft = f"{r['ttft_p50_ms']:.0f} ms" if "ttft_p50_ms" in r else ""
                 lines.append(
                     f"{case:<26}{path:<10}{r['out_tok_s']:>10.0f}{r['req_s']:>8.1f}{span:>12}{ttft:>10}"
                     f"{r.get('errors', 0):>5}"
                 )
+        lines.append("")
+        lines.append(f"when tokens came, s from the pass's first request at quantiles {list(TIMELINE_QUANTILES)}")
+        for case, row in tp.items():
+            extra = [(f"gw{i + 1} x{r['workers']}", r) for i, r in enumerate(row.get("more_gateways", []))]
+            for path, r in [(p, row[p]) for p in ("gateway", "gateway_all", "direct") if p in row] + extra:
+                if "first_token_at_s" in r:
+                    first = " ".join(f"{t:.2f}" for t in r["first_token_at_s"])
+                    end = " ".join(f"{t:.2f}" for t in r["end_at_s"])
+                    lines.append(f"{case:<26}{path:<10} first token {first} | last token {end}")
     lat = results.get("latency", {})
     if lat:
         lines.append("")

@@ -80,11 +80,20 @@ class ServiceBench:
         tokens = row["gateway"]["out_tokens"]
         row["gateway"]["check"] = metrics_check(tokens, before, after, gw_before, gw_after, sampler.rows)
         row["direct"] = self.measured("direct", calls(), out, n)
+        # Each further gateway alone (e.g. one with worker processes against the first's one), then all at once.
+        row["more_gateways"] = [
+            self.measured("gateway", calls(), out, n, gateway=i) | {"workers": self.gateway_workers[i]}
+            for i in range(1, len(self.gateways))
+        ]
         if len(self.gateways) > 1 and not adapters:
             row["gateway_all"] = self.measured("gateway", calls(), out, n, all_gw=True)
+        more = "".join(
+            f", gateway {i + 1} ({r['workers']} workers) {r['out_tok_s']:.0f}"
+            for i, r in enumerate(row["more_gateways"])
+        )
         self.run.log(
             f"{case}: gateway {row['gateway']['out_tok_s']:.0f} tok/s, direct {row['direct']['out_tok_s']:.0f} tok/s"
-            f" (first pass {row['first_pass']['out_tok_s']:.0f})"
+            f"{more} (first pass {row['first_pass']['out_tok_s']:.0f})"
         )
         return row
 

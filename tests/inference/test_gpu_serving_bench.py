@@ -36,12 +36,18 @@ def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
     assert data["skipped"] == []
     assert set(data["throughput"]) == {"base", "1 adapter", "2 adapters", "3 adapters, 2 slots"}
     for case, row in data["throughput"].items():
-        for path in ("first_pass", "gateway", "direct"):
-            level = row[path]
+        (alone,) = row["more_gateways"]  # the second gateway (one process) alone, after the first (two workers)
+        assert alone["workers"] == 1
+        for path, level in [(p, row[p]) for p in ("first_pass", "gateway", "direct")] + [("gateway 2", alone)]:
             assert level["errors"] == 0, (case, path, level["first_errors"])
             # ignore_eos through the gateway and the gRPC contract: every request makes exactly max_tokens
             assert level["tokens_per_request_min"] == level["tokens_per_request_max"] == QUICK_OUTPUT_TOKENS
             assert level["out_tok_s"] > 0 and level["ttft_p50_ms"] > 0
+            # When the first and last tokens came, in seconds from the pass's first request: in order, within it.
+            first, end = level["first_token_at_s"], level["end_at_s"]
+            assert len(first) == len(end) == len(level["timeline_quantiles"])
+            assert first == sorted(first) and end == sorted(end) and first[0] > 0 and first[-1] <= end[-1]
+            assert end[-1] <= level["wall_s"] + 0.05
         check = row["gateway"]["check"]  # the replica's and the gateway's token counters match our count
         assert check["bench_tokens"] == check["replica_metric_tokens"] == check["gateway_metric_tokens"] > 0
     assert data["throughput"]["base"]["gateway_all"]["errors"] == 0  # spread over both gateways
