@@ -12,19 +12,13 @@ not arithmetic (rank 16), sets the time: a kernel at the floor is as fast as sep
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "services" / "inference" / "src"))
-PACKAGED_CONFIGS = ROOT / "services" / "inference" / "src" / "lorafleet_inference" / "lora_kernel_configs"
-
-from serving.lora_kernels import MODEL_SHAPES, KernelShape, kernel_shapes  # noqa: E402
-from tune_lora_kernels import Case, GpuTimer  # noqa: E402
+from serving.lora_kernels import MODEL_SHAPES, KernelShape, kernel_shapes
+from tune_lora_kernels import PACKAGED_CONFIGS, Case, GpuTimer, ints, kernel_bench_parser
 
 
 class CublasCase:
@@ -107,13 +101,8 @@ def agreement(case: Case, cublas: CublasCase) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-7b")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--max-loras", type=int, default=32)
-    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[256, 2048, 16384])
-    p.add_argument("--layers", type=int, default=4, help="weight copies cycled through while timing")
+    p = kernel_bench_parser(__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=ints, default=[256, 2048, 16384])
     args = p.parse_args(argv)
     began = time.monotonic()
     os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_CONFIGS)  # what the replica serves with

@@ -12,24 +12,16 @@ from CUDA graphs), larger ones prefill chunks (launched eagerly).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "services" / "inference" / "src"))
-PACKAGED_CONFIGS = ROOT / "services" / "inference" / "src" / "lorafleet_inference" / "lora_kernel_configs"
+from serving.lora_kernels import MODEL_SHAPES, active_counts, kernel_shapes
+from tune_lora_kernels import INFERENCE_SRC, PACKAGED_CONFIGS, Case, GpuTimer, ints, kernel_bench_parser
 
-from serving.lora_kernels import MODEL_SHAPES, active_counts, kernel_shapes  # noqa: E402
-from tune_lora_kernels import Case, GpuTimer  # noqa: E402
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+sys.path.insert(0, str(INFERENCE_SRC))  # lorafleet_inference.lora_grid, imported where it is used
 
 
 def compare(timer: GpuTimer, chunks: Any, case: Case) -> dict[str, Any]:
@@ -106,14 +98,9 @@ def graph_check(chunks: Any, model: Any, rank: int, max_loras: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-7b")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--max-loras", type=int, default=32)
+    p = kernel_bench_parser(__doc__.split("\n")[0])
     p.add_argument("--tokens", type=ints, default=[1, 64, 256, 512, 2048, 8192, 16384])
     p.add_argument("--actives", type=ints, default=[1, 8, 32])
-    p.add_argument("--layers", type=int, default=4, help="weight copies cycled through while timing")
     args = p.parse_args(argv)
     began = time.monotonic()
     from lorafleet_inference import lora_grid

@@ -47,6 +47,10 @@ from serving.lora_kernels import (
     vllm_lookup_args,
 )
 
+INFERENCE_SRC = Path(__file__).resolve().parents[1] / "services" / "inference" / "src"
+# The configuration files the replica ships and serves with (engine.PACKAGED_LORA_KERNEL_CONFIGS; the engine module
+# needs the service's dependencies, so the benchmarks name the folder themselves).
+PACKAGED_CONFIGS = INFERENCE_SRC / "lorafleet_inference" / "lora_kernel_configs"
 COMPILE_TOKENS = (1, 16)  # the kernels specialize on m's divisibility: one compile for m = 1, one for m % 16 == 0
 
 
@@ -107,7 +111,7 @@ def default_config(shape: KernelShape, m: int, max_loras: int) -> dict[str, Any]
 def install_chunk_grid() -> bool:
     """The replica's LoRA grid (its engine processes install the same) in this process and, through the import
     below, in the compile workers that call it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference" / "src"))
+    sys.path.insert(0, str(INFERENCE_SRC))
     from lorafleet_inference import lora_grid
 
     return lora_grid.install()
@@ -263,19 +267,30 @@ def step_table(rows: list[dict[str, Any]], layers: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def kernel_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every LoRA kernel benchmark here takes (this tuner, lora_grid.py, lora_floor.py): where results
+    go, the model whose shapes are timed, the engine's LoRA slots, and the weight copies cycled while timing."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-7b")
     p.add_argument("--rank", type=int, default=16, help="the engine's max_lora_rank (the stacked weights' rank)")
     p.add_argument("--max-loras", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=16384, help="the largest step (max_num_batched_tokens)")
-    p.add_argument("--actives", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--layers", type=int, default=4, help="weight copies cycled through while timing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = kernel_bench_parser(__doc__.split("\n")[0])
+    p.add_argument("--max-tokens", type=int, default=16384, help="the largest step (max_num_batched_tokens)")
+    p.add_argument("--actives", type=ints, default=[1, 8, 32])
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
     p.add_argument("--budget-s", type=float, default=420)
     p.add_argument("--joint-from", type=int, default=512, help="one config for every step of this many tokens or more")
-    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], help="step sizes (default: all)")
+    p.add_argument("--tokens", type=ints, help="step sizes (default: all)")
     p.add_argument("--chunk-grid", action="store_true", help="time over the replica's chunk grid (lora_grid.py)")
     p.add_argument("--merge-into", type=Path, help="config files whose entries for the tuned step sizes are replaced")
     args = p.parse_args(argv)

@@ -52,6 +52,12 @@ def summarize(level: Level) -> dict[str, Any]:
     }
 
 
+def passes(row: dict[str, Any], paths: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """A throughput case's passes by label: those of ``paths`` it has, then each further gateway alone."""
+    named = [(path, row[path]) for path in paths if path in row]
+    return named + [(f"gw{i + 1} x{r['workers']}", r) for i, r in enumerate(row.get("more_gateways", []))]
+
+
 def text(results: dict[str, Any]) -> str:
     lines = [f"== {results.get('title', 'serving benchmark')}"]
     for key in ("versions", "hardware", "engine"):
@@ -65,8 +71,7 @@ def text(results: dict[str, Any]) -> str:
         lines.append("(a/b) throughput: all requests submitted at once")
         lines.append(f"{'case':<26}{'path':<10}{'out tok/s':>10}{'req/s':>8}{'tok/req':>12}{'TTFT p50':>10}{'err':>5}")
         for case, row in tp.items():
-            extra = [(f"gw{i + 1} x{r['workers']}", r) for i, r in enumerate(row.get("more_gateways", []))]
-            for path, r in [(p, row[p]) for p in ("gateway", "gateway_all", "direct", "raw") if p in row] + extra:
+            for path, r in passes(row, ("gateway", "gateway_all", "direct", "raw")):
                 span = f"{r['tokens_per_request_min']}-{r['tokens_per_request_max']}" if "ttft_p50_ms" in r else ""
                 ttft = f"{r['ttft_p50_ms']:.0f} ms" if "ttft_p50_ms" in r else ""
                 lines.append(
@@ -76,8 +81,7 @@ def text(results: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"when tokens came, s from the pass's first request at quantiles {list(TIMELINE_QUANTILES)}")
         for case, row in tp.items():
-            extra = [(f"gw{i + 1} x{r['workers']}", r) for i, r in enumerate(row.get("more_gateways", []))]
-            for path, r in [(p, row[p]) for p in ("gateway", "gateway_all", "direct") if p in row] + extra:
+            for path, r in passes(row, ("gateway", "gateway_all", "direct")):
                 if "first_token_at_s" in r:
                     first = " ".join(f"{t:.2f}" for t in r["first_token_at_s"])
                     end = " ".join(f"{t:.2f}" for t in r["end_at_s"])
