@@ -3,6 +3,7 @@
 # gpu-bundle/ folder:
 #   bash bench/gpu_device.sh [bench/gpu_serving.py arguments...]        # our services
 #   bash bench/gpu_device.sh --raw [arguments...]                        # vLLM's offline engine, same cases
+#   SCRIPT=bench/lora_mixed_check.py bash bench/gpu_device.sh           # adapters beside base-model requests
 # gpu-bundle/ holds (built on a machine with PyPI, see docs/benchmarks.md "GPU serving (H100)"):
 #   vllm026/    vLLM 0.26.0 + its missing dependencies in xz chunks (../shared/gpu/build_vllm_bundle.sh)
 #   extra/      cp312 wheels our services need beyond the image and vLLM (bench/gpu-extra-wheels.txt)
@@ -36,10 +37,15 @@ PY
 mkdir -p /tmp/qwen25-tokenizer && tar -C /tmp/qwen25-tokenizer -xJf "$BUNDLE/tokenizer/qwen25-tokenizer.tar.xz"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); services from $SRC"
-timeout "${LIMIT_S:-575}" python3 bench/gpu_serving.py --model qwen2.5-7b --tokenizer-from /tmp/qwen25-tokenizer \
-  --work /tmp --out "$OUT" "$@" > "$OUT/stdout.txt" 2> "$OUT/stderr.txt"
+if [ -n "${SCRIPT:-}" ]; then  # another script of ours that takes --tokenizer-from and --out (bench/lora_mixed_check.py)
+  timeout "${LIMIT_S:-575}" python3 "$SCRIPT" --tokenizer-from /tmp/qwen25-tokenizer --out "$OUT" "$@" \
+    > "$OUT/stdout.txt" 2> "$OUT/stderr.txt"
+else
+  timeout "${LIMIT_S:-575}" python3 bench/gpu_serving.py --model qwen2.5-7b --tokenizer-from /tmp/qwen25-tokenizer \
+    --work /tmp --out "$OUT" "$@" > "$OUT/stdout.txt" 2> "$OUT/stderr.txt"
+fi
 rc=$?
-say "gpu_serving.py rc=$rc"
+say "${SCRIPT:-gpu_serving.py} rc=$rc"
 grep -E '^\[ *[0-9.]+s\]' "$OUT/stderr.txt" | tail -40
 [ $rc = 0 ] || tail -30 "$OUT/stderr.txt" | cut -c1-300
 cat "$OUT/stdout.txt"

@@ -62,7 +62,8 @@ class AdapterWriter:
         start = self.rng.randrange(0, POOL_ELEMENTS - count)
         return (self.pool[start : start + count].view(rows, cols) * scale).contiguous()
 
-    def write(self, folder: Path, rank: int, base_model: str) -> Path:
+    def write(self, folder: Path, rank: int, base_model: str, b_scale: float = 1e-3) -> Path:
+        """An adapter folder; ``b_scale``: LoRA B's scale (the default keeps outputs near the base model's)."""
         from safetensors.torch import save_file
 
         tensors = {}
@@ -71,7 +72,7 @@ class AdapterWriter:
                 module = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
                 prefix = f"base_model.model.model.layers.{layer}.{module}.{proj}"
                 tensors[f"{prefix}.lora_A.weight"] = self._slice(rank, fan_in, 1 / math.sqrt(fan_in))
-                tensors[f"{prefix}.lora_B.weight"] = self._slice(fan_out, rank, 1e-3)  # outputs stay near base
+                tensors[f"{prefix}.lora_B.weight"] = self._slice(fan_out, rank, b_scale)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = {

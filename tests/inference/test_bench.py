@@ -35,3 +35,23 @@ def test_inference_bench_quick(tmp_path: Path) -> None:
     assert data["swap_gpu_misses"] == data["latency"]["swap"]["n"]  # every "warm swap" really missed its slot
     for side in ("service", "engine"):
         assert all(math.isfinite(v) and v > 0 for v in data["overhead"][side].values())
+
+
+def test_lora_mixed_check_runs_the_replicas_engine_with_adapters_beside_base_model_requests(tmp_path: Path) -> None:
+    """bench/lora_mixed_check.py on the CPU build (no CUDA graphs there: what it checks on a GPU is in
+    docs/benchmarks.md): every request of a mix gives the tokens it gave alone, and the adapters change them."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lora_mixed_check.py"), "--variants", "ours", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = json.loads((tmp_path / "mixed_check.json").read_text())["ours"]
+    assert ours["right"] and ours["adapters_change_output"]
+    assert len(ours["rows"]) == 8 and all(row["as_alone"] == 24 for row in ours["rows"])
+    base_rows = [row for row in ours["rows"] if row["request"].endswith("@base")]
+    adapter_rows = [row for row in ours["rows"] if not row["request"].endswith("@base")]
+    assert len(base_rows) == 3 and all(row["as_base"] == 24 for row in base_rows)
+    assert all(row["as_base"] < 24 for row in adapter_rows)
