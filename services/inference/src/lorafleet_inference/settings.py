@@ -45,7 +45,9 @@ class InferenceSettings(CommonSettings):
         "with one CUDA graph per power-of-two count of active adapters (vLLM's specialize_active_lora). "
         "Without it every LoRA kernel launches blocks for all max_loras slots, most of which exit at once "
         "when few adapters are in use. None = on with CUDA (H100, Qwen2.5-7B: one adapter 0.67 -> 0.78 of the "
-        "base model's throughput, 8 adapters 0.63 -> 0.72; engine start ~1 min longer), off on CPU.",
+        "base model's throughput, 8 adapters 0.63 -> 0.72; engine start ~1 min longer), off on CPU. vLLM picks "
+        "these graphs without counting base-model requests; our vLLM plugin reorders its LoRA tables so an adapter "
+        "beside base-model requests is still applied (lora_order.py).",
     )
     lora_kernel_configs: Literal["packaged", "vllm"] | Path = Field(
         default="packaged",
