@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
-from lorafleet_inference import lora_grid
+from lorafleet_inference import lora_fold, lora_grid
 from lorafleet_inference.metrics import InferenceMetrics
 from lorafleet_inference.replica_watch import mark_replica_process
 from lorafleet_inference.settings import InferenceSettings
@@ -154,6 +154,13 @@ def use_tight_lora_grid(settings: InferenceSettings, environ: MutableMapping[str
     environ[lora_grid.ENV] = "1" if settings.lora_tight_grid else "0"
 
 
+def use_lora_fold(settings: InferenceSettings, environ: MutableMapping[str, str] = os.environ, *, cuda: bool) -> None:
+    """Ask vLLM's processes (our plugin in them) to fold one-adapter steps into the base GEMMs, or not; the
+    default is on with CUDA, where the plugin also requires specialize_active_lora."""
+    wanted = settings.lora_fold if settings.lora_fold is not None else cuda
+    environ[lora_fold.ENV] = "1" if wanted else "0"
+
+
 def scheduler_stats_logger(metrics: InferenceMetrics) -> Any:
     """A vLLM per-engine stat-logger factory that copies the scheduler's gauges into ``metrics``.
 
@@ -198,6 +205,7 @@ def build_engine(settings: InferenceSettings, model_path: str, metrics: Inferenc
     mark_replica_process()  # vLLM's processes exit if this one dies without shutting them down
     use_lora_kernel_configs(settings)
     use_tight_lora_grid(settings)
+    use_lora_fold(settings, cuda=on_cuda())
     return cast(Engine, AsyncLLM.from_engine_args(engine_args(settings, model_path), stat_loggers=loggers))
 
 

@@ -63,6 +63,14 @@ class InferenceSettings(CommonSettings):
         "instead of over the whole step for every adapter (lora_grid.py; every step with two or more adapters, "
         "CUDA-graph decode steps included). Off = vLLM's own grid.",
     )
+    lora_fold: bool | None = Field(
+        default=None,
+        description="In steps whose requests all use one adapter (base-model requests may share the step), fold "
+        "that adapter into the base model's GEMM for qkv and gate_up instead of running vLLM's shrink and expand "
+        "after it (lora_fold.py): the projection's output is written once. Needs specialize_active_lora on CUDA "
+        "(off without it); costs slices x max_lora_rank extra weight columns per projection and one input buffer "
+        "of max_num_batched_tokens rows. None = on with CUDA, off on CPU.",
+    )
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,

@@ -1,7 +1,8 @@
 """A vLLM general plugin (entry point ``vllm.general_plugins``): fixes base-model requests on the CPU build,
 fixes adapters beside base-model requests in the GPU's CUDA graphs (lora_order.py), launches the GPU's LoRA
-kernels over each adapter's tokens when the replica asks for it (lora_grid.py), and makes vLLM's processes exit
-with their replica (replica_watch.py).
+kernels over each adapter's tokens when the replica asks for it (lora_grid.py), folds one-adapter steps into the
+base GEMMs when it asks for that (lora_fold.py), and makes vLLM's processes exit with their replica
+(replica_watch.py).
 
 vLLM marks tokens of requests without an adapter with LoRA index -1. The Triton
 kernels (GPU) skip them; the pure-PyTorch ops the CPU backend uses
@@ -27,7 +28,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lorafleet_inference import lora_grid, lora_order
+from lorafleet_inference import lora_fold, lora_grid, lora_order
 from lorafleet_inference.replica_watch import exit_with_parent
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,16 @@ _MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm
 
 
 def register() -> None:
-    """Entry point: exit with the replica; patch the CPU LoRA ops if (and only if) they mistreat index -1;
-    on CUDA, the base model's entry last in the LoRA tables, and the tight LoRA grid if the replica exported its
-    switch."""
+    """Entry point: exit with the replica; the LoRA fold if the replica exported its switch; patch the CPU LoRA
+    ops if (and only if) they mistreat index -1; on CUDA, the base model's entry last in the LoRA tables, and the
+    tight LoRA grid if the replica exported its switch."""
     exit_with_parent()
     try:
         import importlib
 
         from vllm.platforms import current_platform
 
+        install_lora_fold()
         if current_platform.is_cuda():
             if lora_order.install():  # before the tight grid, whose tables are then cut from the final order
                 print(f"lorafleet: base-model LoRA entry last in process {os.getpid()}", file=sys.stderr, flush=True)
@@ -68,6 +70,17 @@ def register() -> None:
         log.info("lorafleet: patched vLLM's CPU LoRA ops to skip tokens without an adapter (vllm#48421)")
     except Exception:  # never keep vLLM from starting; the probe or an import may not fit a future vLLM
         log.warning("lorafleet: could not check or patch vLLM's LoRA ops", exc_info=True)
+
+
+def install_lora_fold() -> None:
+    """lora_fold.py, if the replica asked for it; its failure keeps vLLM's own LoRA path, and the other fixes."""
+    if os.environ.get(lora_fold.ENV) != "1":
+        return
+    try:
+        if lora_fold.install():
+            print(f"lorafleet: one-adapter LoRA steps folded in process {os.getpid()}", file=sys.stderr, flush=True)
+    except Exception:
+        log.warning("lorafleet: could not install the LoRA fold; vLLM's LoRA kernels serve every step", exc_info=True)
 
 
 def _applies_last_slot_to_no_lora(bgmv_shrink: Callable[..., Any]) -> bool:
