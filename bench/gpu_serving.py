@@ -133,6 +133,7 @@ OPTIONAL_ENGINE_SETTINGS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "specialize_active_lora",
+    "lora_fold",
     "gpu_memory_utilization",
     "dtype",
     "enforce_eager",
@@ -375,6 +376,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: s.lower() == "true",
         default=None,
         help="true|false: vLLM's LoRA grid by active adapters (default: the service's)",
+    )
+    p.add_argument(
+        "--lora-fold",
+        type=lambda s: s.lower() == "true",
+        default=None,
+        help="true|false: one-adapter steps folded into the base GEMMs (default: the service's)",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--dtype", default=None)

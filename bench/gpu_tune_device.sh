@@ -9,6 +9,7 @@ export PYTHONUNBUFFERED=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 BUNDLE="${BUNDLE:-gpu-bundle}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export VLLM_BUNDLE_DIR="$BUNDLE/vllm026"
+export PYTHONPATH="${PYTHONPATH:-}:$PWD/services/inference/src"  # lora_floor.py times the replica's fold
 source "$BUNDLE/check/device_install.sh"
 [ "$VLLM_INSTALLED" = 1 ] || { echo "vLLM bundle not installed"; exit 3; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader

@@ -1,7 +1,9 @@
 """What one adapter's LoRA work must cost per engine step, whatever its kernels: vLLM's shrink and expand (the
 replica's packaged configurations) next to cuBLAS doing the same products (``torch.mm`` / ``addmm_`` into the
 output's column slices), and the memory-traffic floor of that two-kernel design, the bytes both must move over the
-bandwidth this GPU reaches on a large copy.
+bandwidth this GPU reaches on a large copy. Then, for qkv and gate_up, the replica's fold (lora_fold.py: one
+adapter's LoRA inside the base GEMM, ``[x | x·Aᵀ]·[W | B]ᵀ``) against the base GEMM alone, on the weights as vLLM
+holds them and on the folded layout's strided view of them (what the base model's steps then read).
 
 Shrink reads the layer's input and writes the rank-wide buffer; expand reads the buffer and adds into every output
 column, a read and a write of the whole output (gate_up's is 37,888 wide). At a 16k-token prefill step that traffic,
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+from typing import Any
 
 from serving.lora_kernels import MODEL_SHAPES, KernelShape, kernel_shapes
 from tune_lora_kernels import PACKAGED_CONFIGS, Case, GpuTimer, ints, kernel_bench_parser
@@ -50,6 +54,76 @@ class CublasCase:
         else:
             for s, view in enumerate(self.views):
                 view.addmm_(self.x[s], weights[s].t())
+
+
+class GemmCase:
+    """One projection's GEMM over ``layers`` weight copies: the base model's (contiguous ``W``, or the view
+    ``W'[:, :K]`` of the folded layout), or the folded one with one adapter (``lora_fold.folded_linear``)."""
+
+    def __init__(
+        self, widths: tuple[int, ...], k: int, rank: int, m: int, layers: int, kind: str, align: int, layout: str
+    ) -> None:
+        import torch
+
+        from lorafleet_inference.lora_fold import folded_weight_storage, spare_columns
+
+        gen = torch.Generator(device="cuda").manual_seed(m * 7 + len(widths))
+        n, extra = sum(widths), spare_columns(k, rank * len(widths), align)
+
+        def rand(*size: int) -> torch.Tensor:
+            return torch.randn(*size, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.05
+
+        self.kind, self.k = kind, k
+        self.x = rand(m, k)
+        if kind == "base":  # vLLM's own weights
+            self.weights = [rand(n, k) for _ in range(layers)]
+        else:
+            self.weights = [folded_weight_storage(n, k + extra, torch.bfloat16, "cuda", layout) for _ in range(layers)]
+            for w in self.weights:
+                w.copy_(rand(n, k + extra))
+        self.a = [rand(extra, k) for _ in range(layers)]
+        self.mask = torch.ones(m, 1, dtype=torch.bfloat16, device="cuda")
+        self.buffer = torch.empty(m, k + extra, dtype=torch.bfloat16, device="cuda")
+
+    def launch(self, layer: int) -> None:
+        import torch
+
+        from lorafleet_inference.lora_fold import folded_linear
+
+        w = self.weights[layer % len(self.weights)]
+        if self.kind == "folded":
+            folded_linear(self.x, None, w, self.a[layer % len(self.a)], self.mask, self.buffer, self.k)
+        else:
+            torch.nn.functional.linear(self.x, w[:, : self.k])
+
+
+def fold_rows(
+    model: Any, rank: int, m: int, layers: int, timer: GpuTimer, align: int, layout: str, rounds: int = 5
+) -> list[dict[str, Any]]:
+    """Per fused projection the fold serves: base GEMM (vLLM's layout, the folded layout's view) and folded GEMM,
+    with the folded K padded to a multiple of ``align`` and the weights stored ``layout``."""
+    import torch
+
+    rows = []
+    for name, widths in (("qkv", (model.hidden, model.kv, model.kv)), ("gate_up", (model.intermediate,) * 2)):
+        row: dict[str, Any] = {"name": name, "m": m, "per_step": model.layers, "align": align, "layout": layout}
+        kinds = ("base", "base_view", "folded")
+        cases = [GemmCase(widths, model.hidden, rank, m, layers, kind, align, layout) for kind in kinds]
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for _ in range(rounds):  # interleaved: the GPU's clock drifts as it heats up, over seconds
+            for kind, case in zip(kinds, cases, strict=True):
+                times[kind].append(timer.measure(case))
+        row |= {f"{kind}_ms": statistics.median(values) for kind, values in times.items()}
+        del cases
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(
+            f"fold {name:9} m={m:<6} {layout:12} align {align:<4} base {row['base_ms'] * 1e3:8.1f} us  "
+            f"view {row['base_view_ms'] * 1e3:8.1f} us  folded {row['folded_ms'] * 1e3:8.1f} us",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
 
 
 def traffic_bytes(shape: KernelShape, m: int) -> int:
@@ -103,6 +177,13 @@ def agreement(case: Case, cublas: CublasCase) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = kernel_bench_parser(__doc__.split("\n")[0])
     p.add_argument("--tokens", type=ints, default=[256, 2048, 16384])
+    p.add_argument("--fold-align", type=ints, default=[128], help="the fold's K alignments to time (lora_fold.K_ALIGN)")
+    p.add_argument(
+        "--fold-layouts",
+        type=lambda text: text.split(","),
+        default=["input-major"],
+        help="the fold's weight layouts to time (lora_fold.LAYOUT): input-major, output-major",
+    )
     args = p.parse_args(argv)
     began = time.monotonic()
     os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_CONFIGS)  # what the replica serves with
@@ -111,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     model = MODEL_SHAPES[args.model]
     bandwidth = copy_bandwidth()
     timer = GpuTimer()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    folds: list[dict[str, Any]] = []
     for m in args.tokens:
         for shape in kernel_shapes(model, args.rank):
             case = Case(shape, m, 1, args.max_loras, args.layers, "cuda")
@@ -130,21 +212,31 @@ def main(argv: list[str] | None = None) -> int:
             )
             del case, cublas
             torch.cuda.empty_cache()
+        for layout in args.fold_layouts:
+            for align in args.fold_align:
+                folds += fold_rows(model, args.rank, m, args.layers, timer, align, layout)
     lines = [
         f"{torch.cuda.get_device_name()}: one adapter (rank {args.rank}) on every token, LoRA time per engine step "
         f"({model.layers} layers, all shrink and expand calls); copy bandwidth {bandwidth / 1e12:.2f} TB/s",
-        "| tokens in step | vLLM's kernels ms | cuBLAS ms | traffic floor ms |",
-        "| ---: | ---: | ---: | ---: |",
+        "| tokens in step | vLLM's kernels ms | cuBLAS ms | traffic floor ms "
+        "| fold's layout, K alignment | fold (qkv, gate_up) + vLLM's (o, down) ms "
+        "| base GEMMs on the folded layout's view, ms more |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for m in args.tokens:
         step = [r for r in rows if r["m"] == m]
         v, c, f = (sum(r[k] * r["per_step"] for r in step) for k in ("vllm_ms", "cublas_ms", "floor_ms"))
-        lines.append(f"| {m} | {v:.2f} | {c:.2f} | {f:.2f} |")
+        unfolded = sum(r["vllm_ms"] * r["per_step"] for r in step if r["name"] in ("o", "down", "o+down"))
+        for layout, align in sorted({(r["layout"], r["align"]) for r in folds}):
+            fold_step = [r for r in folds if r["m"] == m and r["align"] == align and r["layout"] == layout]
+            folded = unfolded + sum((r["folded_ms"] - r["base_ms"]) * r["per_step"] for r in fold_step)
+            view = sum((r["base_view_ms"] - r["base_ms"]) * r["per_step"] for r in fold_step)
+            lines.append(f"| {m} | {v:.2f} | {c:.2f} | {f:.2f} | {layout}, {align} | {folded:.2f} | {view:+.2f} |")
     worst = max(r["relative_difference"] for r in rows)
     lines.append(f"largest difference cuBLAS vs vLLM's kernels: {worst:.1e}; {time.monotonic() - began:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth, "rank": args.rank}
-    (args.out / "floor.json").write_text(json.dumps(summary | {"rows": rows}, indent=1) + "\n")
+    (args.out / "floor.json").write_text(json.dumps(summary | {"rows": rows, "fold_rows": folds}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -7,11 +7,14 @@ request is first run alone; then in mixes that share engine steps: one adapter b
 adapters beside one, and two adapters without any. A request of a mix must produce the tokens it produced alone.
 If an adapter is dropped in the mixed steps, its request produces what the base model would instead.
 
-    python bench/lora_mixed_check.py [--variants vllm,ours,ours-vllm-grid] [--out DIR]
+    python bench/lora_mixed_check.py [--variants vllm,ours,ours-vllm-grid,ours-fold,ours-no-fold] [--out DIR]
 
 Each variant runs in a process of its own (vLLM loads plugins at process start): ``vllm`` without any plugin
-(VLLM_PLUGINS names none), ``ours`` as the replica runs, ``ours-vllm-grid`` with the tight grid off. Prints a table
-and writes mixed_check.json; exits 1 if a variant of ours gives any request other tokens than alone.
+(VLLM_PLUGINS names none), ``ours`` as the replica runs, ``ours-vllm-grid`` with the tight grid off, ``ours-fold``
+and ``ours-no-fold`` with one-adapter steps folded into the base GEMMs (lora_fold.py; on by default on CUDA) or not.
+Prints a table and writes mixed_check.json (``folded``: whether a variant's engine took the fold path); exits 1 if
+a variant of ours gives any request other tokens than alone, except where the alone run's two best tokens were
+tied (``TIE_NATS``; the table shows the logprob gap where a mixed request parts from itself alone).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "vllm": {"VLLM_PLUGINS": "none-of-them"},  # a list that names no installed plugin: none is loaded
     "ours": {},
     "ours-vllm-grid": {"LORAFLEET_INFERENCE_LORA_TIGHT_GRID": "false"},
+    "ours-fold": {"LORAFLEET_INFERENCE_LORA_FOLD": "true"},  # the default on CUDA; on the CPU build: asked for
+    "ours-no-fold": {"LORAFLEET_INFERENCE_LORA_FOLD": "false"},
 }
 PROMPTS = {  # token ids of ordinary words: any fixed ids will do for a model of dummy weights
     "p1": [785, 3974, 13876, 38835, 34208, 916, 279, 15678, 5562, 13],
@@ -56,6 +61,10 @@ ALONE = sorted(
     key=lambda request: (request[1] is not None, str(request)),
 )
 MAX_TOKENS = 24
+# The tiny model's dummy weights give nearly flat logits: two tokens can tie to the last bit of their logprobs, and
+# a different but equally exact order of additions (the fold's one GEMM against vLLM's GEMM then LoRA kernels)
+# breaks the tie the other way. A dropped adapter parts by whole nats, or with a token outside the top 2.
+TIE_NATS = 1e-3
 
 
 def key(request: tuple[str, str | None]) -> str:
@@ -63,25 +72,33 @@ def key(request: tuple[str, str | None]) -> str:
     return f"{prompt}@{adapter or 'base'}"
 
 
-async def generate(engine: Any, requests: list[tuple[str, str | None]], adapters: dict[str, str]) -> dict[str, list]:
+async def generate(
+    engine: Any, requests: list[tuple[str, str | None]], adapters: dict[str, str]
+) -> tuple[dict[str, list[int]], dict[str, list[dict[str, float]]]]:
+    """Each request's tokens, and per position its top-2 tokens' logprobs (to tell a near-tie from a wrong step)."""
     from lorafleet_inference.engine import make_lora_request, make_sampling_params, token_prompt
 
     names = sorted(adapters)
 
-    async def one(index: int, request: tuple[str, str | None]) -> list[int]:
+    async def one(index: int, request: tuple[str, str | None]) -> tuple[list[int], list[dict[str, float]]]:
         prompt, adapter = request
         lora = make_lora_request(adapter, names.index(adapter) + 1, adapters[adapter]) if adapter else None
-        params = make_sampling_params(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        params = make_sampling_params(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
         tokens: list[int] = []
+        top: list[dict[str, float]] = []
         stream = engine.generate(
             token_prompt(PROMPTS[prompt]), params, f"r{time.monotonic_ns()}-{index}", lora_request=lora
         )
         async for output in stream:
             tokens.extend(output.outputs[0].token_ids)
-        return tokens
+            for position in output.outputs[0].logprobs or []:
+                top.append({str(token): float(lp.logprob) for token, lp in position.items()})
+        return tokens, top
 
     outputs = await asyncio.gather(*(one(i, request) for i, request in enumerate(requests)))
-    return {key(request): tokens for request, tokens in zip(requests, outputs, strict=True)}
+    names_ = [key(request) for request in requests]
+    tokens = {name: out[0] for name, out in zip(names_, outputs, strict=True)}
+    return tokens, {name: out[1] for name, out in zip(names_, outputs, strict=True)}
 
 
 async def child_main(model_dir: str, adapters: dict[str, str], max_loras: int) -> dict[str, Any]:
@@ -104,10 +121,13 @@ async def child_main(model_dir: str, adapters: dict[str, str], max_loras: int) -
     result: dict[str, Any] = {"engine_start_s": round(time.monotonic() - started, 1), "cuda": cuda}
     try:
         alone: dict[str, list[int]] = {}
+        alone_top: dict[str, list[dict[str, float]]] = {}
         for request in ALONE:
-            alone |= await generate(engine, [request], adapters)
-        result["alone"] = alone
-        result["mixes"] = {name: await generate(engine, mix, adapters) for name, mix in MIXES.items()}
+            tokens, top = await generate(engine, [request], adapters)
+            alone |= tokens
+            alone_top |= top
+        result["alone"], result["alone_top2"] = alone, alone_top
+        result["mixes"] = {name: (await generate(engine, mix, adapters))[0] for name, mix in MIXES.items()}
     finally:
         engine.shutdown()
     return result
@@ -118,19 +138,34 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
+def parting_gap(result: dict[str, Any], name: str, position: int, tokens: list[int]) -> float | None:
+    """Where a mixed request parts from itself alone: how far below the alone run's token (in its logprobs) the
+    mixed run's token was. A gap of a few hundredths is a near-tie flipped by rounding (a different but equally
+    exact order of additions); a dropped adapter parts at the first token, by whole nats, or with a token outside
+    the top 2 (None)."""
+    top = result.get("alone_top2", {}).get(name, [])
+    if position >= len(top):
+        return None
+    chosen, other = top[position].get(str(result["alone"][name][position])), top[position].get(str(tokens[position]))
+    return None if chosen is None or other is None else round(chosen - other, 4)
+
+
 def judge(result: dict[str, Any]) -> dict[str, Any]:
     """Per mixed request: tokens agreeing with the same request alone, and with its prompt on the base model."""
-    alone, rows, right = result["alone"], [], True
+    alone, rows, right, right_up_to_ties = result["alone"], [], True, True
     for mix, outputs in result["mixes"].items():
         for name, tokens in outputs.items():
             prompt = name.split("@")[0]
             same = agreement(tokens, alone[name])
             rows.append(
                 {"mix": mix, "request": name, "as_alone": same, "as_base": agreement(tokens, alone[f"{prompt}@base"])}
+                | ({"gap_where_they_part": parting_gap(result, name, same, tokens)} if same < len(tokens) else {})
             )
             right &= same == len(tokens)
+            gap = rows[-1].get("gap_where_they_part", 0.0)
+            right_up_to_ties &= same == len(tokens) or (gap is not None and gap <= TIE_NATS)
     distinct = all(alone[f"{p}@{a}"] != alone[f"{p}@base"] for p, a in (("p1", "a"), ("p2", "b")))
-    return {"rows": rows, "right": right, "adapters_change_output": distinct}
+    return {"rows": rows, "right": right, "right_up_to_ties": right_up_to_ties, "adapters_change_output": distinct}
 
 
 def run_variant(name: str, work: Path, model_dir: Path, adapters: dict[str, str], args: argparse.Namespace) -> dict:
@@ -151,21 +186,40 @@ def run_variant(name: str, work: Path, model_dir: Path, adapters: dict[str, str]
     (work / f"{name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr[-2000:]}"}
-    result = json.loads(out.read_text())
+    from lorafleet_inference.lora_fold import FIRST_FOLD_MESSAGE
+
+    result = json.loads(out.read_text()) | {"folded": FIRST_FOLD_MESSAGE in done.stdout + done.stderr}
     return result | judge(result) | {"wall_s": round(time.monotonic() - started, 1)}
 
 
 def report(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| variant | mix | request | tokens as alone | tokens as base |", "| --- | --- | --- | ---: | ---: |"]
+    lines = [
+        "| variant | mix | request | tokens as alone | tokens as base | where they part: logprob gap |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for variant, result in results.items():
         for row in result.get("rows", []):
+            gap = row.get("gap_where_they_part", "")
             lines.append(
                 f"| {variant} | {row['mix']} | {row['request']} | {row['as_alone']}/{MAX_TOKENS} | "
-                f"{row['as_base']}/{MAX_TOKENS} |"
+                f"{row['as_base']}/{MAX_TOKENS} | {'top-2 miss' if gap is None else gap} |"
             )
+    done = [(name, result) for name, result in results.items() if "alone" in result]
+    for name, result in done[1:]:  # the same requests alone, against the first variant's
+        first_name, first = done[0]
+        parts = {k: agreement(v, first["alone"][k]) for k, v in result["alone"].items()}
+        lines.append(
+            f"alone, {name} against {first_name}: " + ", ".join(f"{k} {n}/{MAX_TOKENS}" for k, n in parts.items())
+        )
     for variant, result in results.items():
         verdict = result.get("error") or (
-            ("right" if result["right"] else "WRONG: a mixed request differs from the same request alone")
+            (
+                "right"
+                if result["right"]
+                else "right up to ties: a mixed request parts from itself alone only where two tokens were tied"
+                if result["right_up_to_ties"]
+                else "WRONG: a mixed request differs from the same request alone"
+            )
             + ("" if result["adapters_change_output"] else " (inconclusive: an adapter did not change its output)")
         )
         lines.append(f"{variant}: {verdict}; engine start {result.get('engine_start_s')} s")
@@ -207,7 +261,7 @@ def main() -> None:
     (work / "mixed_check.json").write_text(json.dumps(results, indent=1))
     print(report(results))
     ours = [r for name, r in results.items() if name != "vllm"]
-    sys.exit(0 if all(r.get("right") and r.get("adapters_change_output") for r in ours) else 1)
+    sys.exit(0 if all(r.get("right_up_to_ties") and r.get("adapters_change_output") for r in ours) else 1)
 
 
 if __name__ == "__main__":
