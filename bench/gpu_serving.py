@@ -245,6 +245,7 @@ def run_services(run: Run) -> None:
         bench = ServiceBench(run, pool, f"127.0.0.1:{grpc_port}", urls, (key, admin_key), settings.base_model)
         bench.pids = {"inference": inference.proc.pid} | {gw.name: gw.proc.pid for gw in gateways}
         bench.gateway_workers = [workers(i) for i in range(len(gateways))]
+        bench.latency_adapter = mix[0].name if args.latency_adapter and mix else ""
         bench.warm_up(mix)
         run.results["throughput"] = {}
         run.results["latency"] = {}
@@ -396,6 +397,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--latency-gateways", type=int, default=1, help="latency levels through each of the first N gateways"
+    )
+    p.add_argument(
+        "--latency-adapter",
+        action="store_true",
+        help="each latency level also on one adapter, direct (what LoRA adds to the first token and to each token)",
     )
     p.add_argument("--engine-timeout-s", type=float, default=600)
     p.add_argument("--deadline-s", type=float, default=0, help="skip stages that would end after this (0: none)")

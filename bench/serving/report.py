@@ -99,6 +99,12 @@ def text(results: dict[str, Any]) -> str:
                 f"{row['added_ttft_p50_ms']:.1f}/{row['added_ttft_p99_ms']:.1f}"
                 f" ({g.get('workers', 1)} worker{'s' if g.get('workers', 1) > 1 else ''})"
             )
+            if "direct_adapter" in row:
+                a = row["direct_adapter"]
+                lines.append(
+                    f"{'':>12}one adapter, direct: TTFT {a['ttft_p50_ms']:.1f}/{a['ttft_p99_ms']:.1f} "
+                    f"TPOT {a['tpot_p50_ms']:.2f}/{a['tpot_p99_ms']:.2f}"
+                )
             for more in row.get("more_gateways", []):
                 lines.append(
                     f"{'':>12}another gateway ({more['workers']} worker{'s' if more['workers'] > 1 else ''}): TTFT "

@@ -26,6 +26,7 @@ class ServiceBench:
         self.args = run.args
         self.pids: dict[str, int] = {}  # front-end processes whose CPU use is recorded per pass (with children)
         self.gateway_workers = [1] * len(gateways)  # each gateway's worker processes
+        self.latency_adapter = ""  # store name of an adapter whose latency levels run too (direct); "" = none
 
     def measured(self, path: str, calls: list[tuple[str, str]], max_tokens: int, concurrency: int, **kw: Any) -> Any:
         """``level`` plus the share of a core each front-end process (inference gRPC + vLLM's output handling,
@@ -102,8 +103,8 @@ class ServiceBench:
         the others (each with its worker count), every one with its time added to direct's."""
         row: dict[str, Any] = {}
 
-        def through(path: str, gateway: int = 0) -> dict[str, Any]:
-            calls = [("", p) for p in self.prompts(requests)]
+        def through(path: str, gateway: int = 0, adapter: str = "") -> dict[str, Any]:
+            calls = [(adapter, p) for p in self.prompts(requests)]
             level = report.summarize(self.level(path, calls, self.args.output_tokens, streams, gateway=gateway))
             if path == "gateway":
                 for q in ("p50", "p99"):
@@ -113,6 +114,8 @@ class ServiceBench:
             return level
 
         row["direct"] = through("direct")
+        if self.latency_adapter:  # the same level on one adapter, direct: what LoRA adds to each token
+            row["direct_adapter"] = through("direct", adapter=self.latency_adapter) | {"adapter": self.latency_adapter}
         row["gateway"] = through("gateway")
         row["gateway"]["workers"] = self.gateway_workers[0]
         row["more_gateways"] = [
