@@ -96,9 +96,11 @@ async def generate(
         return tokens, top
 
     outputs = await asyncio.gather(*(one(i, request) for i, request in enumerate(requests)))
-    names_ = [key(request) for request in requests]
-    tokens = {name: out[0] for name, out in zip(names_, outputs, strict=True)}
-    return tokens, {name: out[1] for name, out in zip(names_, outputs, strict=True)}
+    tokens: dict[str, list[int]] = {}
+    top: dict[str, list[dict[str, float]]] = {}
+    for request, (request_tokens, request_top) in zip(requests, outputs, strict=True):
+        tokens[key(request)], top[key(request)] = request_tokens, request_top
+    return tokens, top
 
 
 async def child_main(model_dir: str, adapters: dict[str, str], max_loras: int) -> dict[str, Any]:

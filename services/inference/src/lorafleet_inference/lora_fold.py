@@ -32,13 +32,11 @@ Installed by our vLLM plugin (vllm_plugin.py) when the replica exports ``LORAFLE
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 ENV = "LORAFLEET_LORA_FOLD"
 OP_NAME = "lorafleet_folded_lora_linear"
@@ -131,15 +129,11 @@ class FoldController:
         forward and outside any CUDA graph)."""
         ids = set(prompt_mapping)
         adapters = [lora_id for lora_id in ids if lora_id > 0]
-        self.active = False
-        if len(adapters) != 1:
+        self.active = len(adapters) == 1 and adapters[0] in lora_index_to_id
+        if not self.active:
             self._fill_mask("zeros")
             return
-        try:
-            slot = lora_index_to_id.index(adapters[0])
-        except ValueError:
-            self._fill_mask("zeros")
-            return
+        slot = lora_index_to_id.index(adapters[0])
         if slot != self.slot:
             for layer in self.layers.values():
                 getattr(layer, LAYER_ATTR).load_slot(layer, slot)
@@ -150,7 +144,6 @@ class FoldController:
             self.mask_state = "rows"
         else:
             self._fill_mask("ones")
-        self.active = True
 
     def _fill_mask(self, state: str) -> None:
         if self.mask is not None and self.mask_state != state:
@@ -172,6 +165,8 @@ def eligible(layer: Any) -> bool:
         UnquantizedLinearMethod,
     )
 
+    from lorafleet_inference.merge_worker import is_packed_cpu
+
     base = layer.base_layer
     weight = getattr(base, "weight", None)
     return (
@@ -182,7 +177,7 @@ def eligible(layer: Any) -> bool:
         and type(base.quant_method) is UnquantizedLinearMethod
         and isinstance(weight, torch.Tensor)
         and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and (_holds_weight(layer) or (weight.device.type == "cpu" and callable(getattr(base, "cpu_linear", None))))
+        and (_holds_weight(layer) or is_packed_cpu(base))
     )
 
 
@@ -192,15 +187,11 @@ def _holds_weight(layer: Any) -> bool:
 
 def base_weight(layer: Any) -> Any:
     """The base layer's ``W`` (outputs × inputs). vLLM's CPU build packs ``W`` for its GEMM library and drops the
-    parameter's data; there ``W`` comes back through that GEMM from the identity matrix (exact: one product per
-    output), once, at wrap time."""
-    import torch
+    parameter's data; there ``W`` comes back as merged mode reads it (``merge_worker.read_weight``: the identity
+    through that GEMM, exact), once, at wrap time."""
+    from lorafleet_inference.merge_worker import read_weight
 
-    base = layer.base_layer
-    if _holds_weight(layer):
-        return base.weight.data
-    identity = torch.eye(layer.input_size, dtype=base.weight.dtype, device=base.weight.device)
-    return base.cpu_linear(identity, base.weight, None).t().contiguous()
+    return layer.base_layer.weight.data if _holds_weight(layer) else read_weight(layer.base_layer)
 
 
 def spare_columns(input_size: int, needed: int, align: int = K_ALIGN) -> int:
@@ -258,7 +249,7 @@ def install() -> bool:
             return original_apply(layer, x, bias)
         if not told[0]:
             told[0] = True
-            print(f"{FIRST_FOLD_MESSAGE} (process {_pid()})", file=sys.stderr, flush=True)
+            print(f"{FIRST_FOLD_MESSAGE} (process {os.getpid()})", file=sys.stderr, flush=True)
         fold: LayerFold = getattr(layer, LAYER_ATTR)
         return folded_linear(
             x, bias, fold.w_full, fold.a_folded, controller.mask, controller.buffer_for(fold), fold.input_size
@@ -354,9 +345,3 @@ def _preparing(update_metadata: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.__name__ = "update_metadata"
     return wrapper
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

@@ -193,14 +193,14 @@ def plan_merge(model: nn.Module, pairs: list[LoraPair]) -> list[Placement]:
 # ----- reading and writing one layer's weight ---------------------------------------------------------------
 
 
-def _is_packed_cpu(layer: Any) -> bool:
+def is_packed_cpu(layer: Any) -> bool:
     return layer.weight.numel() == 0 and callable(getattr(layer, "cpu_linear", None))
 
 
 def _loader_param(layer: Any) -> Any:
     """A parameter whose own weight loader places a delta: the layer's weight, or on the CPU backend (where the
     weight is gone) an identical new one, made by the layer's quant method as at load time."""
-    if not _is_packed_cpu(layer):
+    if not is_packed_cpu(layer):
         return layer.weight
     from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED
 
@@ -241,7 +241,7 @@ def place_delta(param: Any, into: torch.Tensor, delta: torch.Tensor, shard_id: s
 def read_weight(layer: Any) -> torch.Tensor:
     """The layer's current weight as a host tensor (a copy; pageable: pinned host memory would be rounded up to
     powers of two by torch's allocator, up to twice the size)."""
-    if not _is_packed_cpu(layer):
+    if not is_packed_cpu(layer):
         return layer.weight.data.detach().to("cpu", copy=True)
     size = int(layer.input_size_per_partition)
     dtype = layer.weight.dtype
@@ -256,7 +256,7 @@ def read_weight(layer: Any) -> torch.Tensor:
 
 def write_weight(layer: Any, value: torch.Tensor) -> None:
     """Make ``value`` (host or device, the weight's shape, any float dtype) the layer's weight."""
-    if not _is_packed_cpu(layer):
+    if not is_packed_cpu(layer):
         layer.weight.data.copy_(value)
         return
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
@@ -312,7 +312,7 @@ class WeightMerger:
         total = torch.zeros(self._base[name].shape, dtype=torch.float32, device=device)
         for pair, shard_id in placement.parts:
             place_delta(param, total, pair.delta(device), shard_id)
-        if name in self._changed or _is_packed_cpu(layer):
+        if name in self._changed or is_packed_cpu(layer):
             total.add_(self._base[name].to(device))
         else:
             total.add_(layer.weight.data)  # the weight on the device is the base: no copy from the host
