@@ -1,9 +1,11 @@
 """The least a Python gateway can do: a floor to measure the real gateway against (bench/gateway_cpu.py --bare-relay).
 
-A raw ASGI app on uvicorn (uvloop, httptools, no access log) that relays POST /v1/chat/completions with
-``stream: true`` to one replica over grpc.aio, as the gateway does on its hot path, and nothing else: no
-FastAPI, no authentication, validation, rate limits, routing or metrics. It sends the role event with the
-first token, then an event per chunk, then ``data: [DONE]``. Not a server to use: a benchmark's reference.
+A raw ASGI app on uvicorn (uvloop, httptools, no access log) that relays POST /v1/chat/completions and
+/v1/completions with ``stream: true`` to one replica over grpc.aio, as the gateway does on its hot path, and
+nothing else: no FastAPI, no authentication, validation, rate limits, routing or metrics. Chat sends the role
+event with the first token; then an event per chunk, the usage event if ``stream_options.include_usage`` asks
+for it, and ``data: [DONE]``. Not a server to use: a benchmark's reference (bench/gateway_cpu.py,
+bench/gateway.py --bare-relay).
 
     python bench/bare_relay.py --port 8100 --target 127.0.0.1:50051
 """
@@ -41,32 +43,34 @@ def relay(target: str) -> Any:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        if scope["path"] == "/ready":
+        if scope["path"] in ("/ready", "/health"):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
             return
         request = json.loads(body)
-        call = stub.Generate(
-            inference_pb2.GenerateRequest(
-                chat=inference_pb2.ChatInput(
-                    messages=[
-                        inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in request["messages"]
-                    ]
-                ),
-                sampling=inference_pb2.SamplingParams(max_tokens=request.get("max_tokens") or 0),
-            ),
-            timeout=600,
+        chat = scope["path"] == "/v1/chat/completions"
+        sampling = inference_pb2.SamplingParams(
+            max_tokens=request.get("max_tokens") or 0, ignore_eos=bool(request.get("ignore_eos"))
         )
+        if chat:
+            messages = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in request["messages"]]
+            upstream = inference_pb2.GenerateRequest(chat=inference_pb2.ChatInput(messages=messages), sampling=sampling)
+        else:
+            upstream = inference_pb2.GenerateRequest(prompt=request["prompt"], sampling=sampling)
+        call = stub.Generate(upstream, timeout=600)
         chunk = await call.read()
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        pending = ROLE
+        pending, tokens = ROLE if chat else b"", 0
         while chunk is not grpc.aio.EOF:
-            event = {"choices": [{"index": 0, "delta": {"content": chunk.text}}]}
-            pending += b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            choice = {"index": 0, "delta": {"content": chunk.text}} if chat else {"index": 0, "text": chunk.text}
+            pending += b"data: " + json.dumps({"choices": [choice]}, separators=(",", ":")).encode() + b"\n\n"
             await send({"type": "http.response.body", "body": pending, "more_body": True})
-            pending = b""
+            pending, tokens = b"", tokens + chunk.token_count
             chunk = await call.read()
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        if (request.get("stream_options") or {}).get("include_usage"):
+            usage = {"choices": [], "usage": {"completion_tokens": tokens}}
+            pending = b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": pending + b"data: [DONE]\n\n", "more_body": False})
 
     return app
 

@@ -11,6 +11,9 @@ throughput ratio gateway/direct.
     python bench/gateway.py                 # full run (about a minute)
     python bench/gateway.py --quick         # smoke run (seconds)
     python bench/gateway.py --gateway-workers 1,8   # one gateway per worker count, each level through each
+    python bench/gateway.py --clients 8 --gateway-workers 1,4 --bare-relay --interleave 8
+        # load from 8 processes; bench/bare_relay.py (the floor) as one more column; every level in 8 rounds
+        # alternating the paths, pooled per path (a drift of the machine hits every path alike)
 """
 
 from __future__ import annotations
@@ -151,6 +154,29 @@ def start_replica(tokens: int, delay_ms: float) -> tuple[subprocess.Popen[str], 
     return proc, int(line[1])
 
 
+def start_bare_relay(replica_port: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [
+        sys.executable,
+        str(HERE / "bare_relay.py"),
+        "--port",
+        str(port),
+        "--target",
+        f"127.0.0.1:{replica_port}",
+    ]
+    proc = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the bare relay did not start")
+
+
 def start_gateway(
     home: Path, replica_port: int, admin_key: str, workers: int = 1
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -221,20 +247,24 @@ def tenant_key(url: str, admin_key: str) -> str:
 
 @dataclass
 class Gateway:
-    workers: int
+    workers: int  # 0: the bare relay (bench/bare_relay.py), the floor any Python relay of this design sits on
     url: str
     key: str
     pid: int
 
+    @property
+    def label(self) -> str:
+        return str(self.workers) if self.workers else "bare"
+
 
 def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: list[Gateway]) -> list[dict[str, Any]]:
     """``measure`` with the load sent from ``args.clients`` processes (serving/load.py): at 64 streams one client
-    event loop is itself busy for tens of ms sending a burst and parsing its events. Completions, not chat."""
-    from serving.load import Level, LoadPool
+    event loop is itself busy for tens of ms sending a burst and parsing its events. Completions, not chat.
 
-    def as_run(level: Level) -> Run:
-        ok = [s for s in level.samples if not s.error]
-        return Run([Sample(s.ttft, s.total, s.tokens) for s in ok], level.wall_s, len(level.errors))
+    With ``args.interleave`` N, each level runs as N rounds, every round direct and then each gateway in turn,
+    and each path's rounds are pooled: a drift of the machine over the level (another tenant, clocks) then hits
+    every path alike instead of the one measured at that moment."""
+    from serving.load import Level, LoadPool
 
     pool = LoadPool(args.clients)
     direct_target, rows = f"127.0.0.1:{replica_port}", []
@@ -242,25 +272,47 @@ def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: 
         gateway_kw = [{"key": g.key, "base_model": MODEL} for g in gateways]
         pool.run("direct", direct_target, [("", "hello")] * 8, args.tokens, 4)  # warm-up
         for gateway, kw in zip(gateways, gateway_kw, strict=True):
-            pool.run("gateway", gateway.url, [("", "hello")] * 8 * gateway.workers, args.tokens, 8, **kw)
+            pool.run("gateway", gateway.url, [("", "hello")] * 8 * max(1, gateway.workers), args.tokens, 8, **kw)
         for concurrency in args.concurrency:
             count = args.requests or max(args.min_requests, args.rounds * concurrency)
-            calls = [("", "hello")] * count
-            direct_run = as_run(pool.run("direct", direct_target, calls, args.tokens, concurrency))
-            for gateway, kw in zip(gateways, gateway_kw, strict=True):
-                cpu_before = tree_cpu_seconds(gateway.pid)
-                level = pool.run("gateway", gateway.url, calls, args.tokens, concurrency, **kw)
-                cpu_after = tree_cpu_seconds(gateway.pid)
-                gateway_run = as_run(level)
-                rows.append(row(concurrency, count, direct_run, gateway_run) | {"workers": gateway.workers})
-                rows[-1]["client_cpu_share"] = max(level.client_cpu_s) / level.wall_s if level.wall_s else float("nan")
+            rounds = max(1, min(args.interleave, count // concurrency))
+            calls = [("", "hello")] * -(-count // rounds)
+            direct_levels: list[Level] = []
+            levels: list[list[Level]] = [[] for _ in gateways]
+            cpu = [0.0 for _ in gateways]
+            for _ in range(rounds):
+                direct_levels.append(pool.run("direct", direct_target, calls, args.tokens, concurrency))
+                for i, (gateway, kw) in enumerate(zip(gateways, gateway_kw, strict=True)):
+                    cpu_before = tree_cpu_seconds(gateway.pid)
+                    levels[i].append(pool.run("gateway", gateway.url, calls, args.tokens, concurrency, **kw))
+                    cpu_after = tree_cpu_seconds(gateway.pid)
+                    if cpu_before is None or cpu_after is None:
+                        cpu[i] = float("nan")
+                    else:
+                        cpu[i] += cpu_after - cpu_before
+            direct_run = pooled(direct_levels)
+            for i, gateway in enumerate(gateways):
+                gateway_run = pooled(levels[i])
+                rows.append(row(concurrency, len(gateway_run.samples) + gateway_run.errors, direct_run, gateway_run))
+                rows[-1] |= {"workers": gateway.workers, "target": gateway.label, "rounds": rounds}
+                walls = [level.wall_s for level in levels[i]]
+                rows[-1]["client_cpu_share"] = max(
+                    max(level.client_cpu_s) / level.wall_s if level.wall_s else float("nan") for level in levels[i]
+                )
+                rows[-1]["round_walls_s"] = walls
                 tokens = sum(s.tokens for s in gateway_run.samples)
-                if cpu_before is not None and cpu_after is not None and tokens:
-                    rows[-1]["gateway_cpu_us_per_token"] = (cpu_after - cpu_before) / tokens * 1e6
+                if tokens and cpu[i] == cpu[i]:
+                    rows[-1]["gateway_cpu_us_per_token"] = cpu[i] / tokens * 1e6
                 print_row(rows[-1])
     finally:
         pool.close()
     return rows
+
+
+def pooled(levels: list[Any]) -> Run:
+    """Rounds of one path as one run: every successful sample, errors counted, the rounds' wall times summed."""
+    samples = [Sample(s.ttft, s.total, s.tokens) for level in levels for s in level.samples if not s.error]
+    return Run(samples, sum(level.wall_s for level in levels), sum(len(level.errors) for level in levels))
 
 
 async def measure(args: argparse.Namespace, replica_port: int, gateways: list[Gateway]) -> list[dict[str, Any]]:
@@ -277,7 +329,7 @@ async def measure(args: argparse.Namespace, replica_port: int, gateways: list[Ga
     throughs = [gateway_call(http) for http in clients]
     await load(4, 8, direct)  # warm up every path (connections, caches)
     for through in throughs:
-        await load(4, 8 * max(g.workers for g in gateways), through)
+        await load(4, 8 * max(max(1, g.workers) for g in gateways), through)
     for concurrency in args.concurrency:
         count = args.requests or max(args.min_requests, args.rounds * concurrency)
         direct_run = await load(concurrency, count, direct)
@@ -285,7 +337,8 @@ async def measure(args: argparse.Namespace, replica_port: int, gateways: list[Ga
             cpu_before, client_before = tree_cpu_seconds(gateway.pid), time.process_time()
             gateway_run = await load(concurrency, count, through)
             cpu_after, client_cpu = tree_cpu_seconds(gateway.pid), time.process_time() - client_before
-            rows.append(row(concurrency, count, direct_run, gateway_run) | {"workers": gateway.workers})
+            rows.append(row(concurrency, count, direct_run, gateway_run))
+            rows[-1] |= {"workers": gateway.workers, "target": gateway.label, "rounds": 1}
             # near 1: this benchmark's own client (one event loop) set the pace, not the gateway
             rows[-1]["client_cpu_share"] = client_cpu / gateway_run.wall_s if gateway_run.wall_s else float("nan")
             tokens = sum(s.tokens for s in gateway_run.samples)
@@ -330,7 +383,7 @@ def print_row(r: dict[str, Any]) -> None:
         return f"{r[a]:.1f} / {r[b]:.1f} ms"
 
     print(
-        f"{r['concurrency']:>7} {r['workers']:>7} {r['requests']:>8} | "
+        f"{r['concurrency']:>7} {r['target']:>7} {r['requests']:>8} | "
         f"{pair('direct_ttft_p50_ms', 'direct_ttft_p99_ms'):>19} | "
         f"{pair('gateway_ttft_p50_ms', 'gateway_ttft_p99_ms'):>20} | "
         f"{pair('added_ttft_p50_ms', 'added_ttft_p99_ms'):>18} | "
@@ -365,7 +418,18 @@ def main() -> int:
     parser.add_argument(
         "--clients", type=int, default=0, help="send the load from N client processes (default: this process)"
     )
+    parser.add_argument(
+        "--bare-relay", action="store_true", help="also measure bench/bare_relay.py (the floor) as one more gateway"
+    )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=1,
+        help="with --clients: run each level as N rounds alternating direct and every gateway (default 1)",
+    )
     args = parser.parse_args()
+    if args.interleave > 1 and not args.clients:
+        parser.error("--interleave needs --clients")
     if args.quick:
         args.tokens, args.token_delay_ms, args.rounds, args.min_requests = 4, 2.0, 1, 4
 
@@ -380,6 +444,11 @@ def main() -> int:
                 gateway, url = start_gateway(Path(home) / str(i), replica_port, admin_key, workers)
                 procs.append(gateway)
                 gateways.append(Gateway(workers, url, tenant_key(url, admin_key), gateway.pid))
+            if args.bare_relay:
+                relay, url = start_bare_relay(replica_port)
+                procs.append(relay)
+                # the relay checks no key; it gets a header of a real key's length all the same
+                gateways.append(Gateway(0, url, "unchecked-" + secrets.token_hex(16), relay.pid))
             print(
                 f"Gateway overhead (fake upstream): {args.tokens} tokens/response at {args.token_delay_ms:g} ms/token; "
                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.machine()}"

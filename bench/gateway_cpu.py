@@ -24,10 +24,8 @@ import asyncio
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +33,9 @@ import httpx
 from gateway import (
     Run,
     direct_call,
-    free_port,
     gateway_call,
     load,
+    start_bare_relay,
     start_gateway,
     start_replica,
     tenant_key,
@@ -91,29 +89,6 @@ async def measure(args: argparse.Namespace, trees: list[Tree], replica_port: int
                 tree.added_p99.append((through.pct("ttft_s", 0.99) - straight.pct("ttft_s", 0.99)) * 1e3)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     await channel.close()
-
-
-def start_bare_relay(replica_port: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [
-        sys.executable,
-        str(HERE / "bare_relay.py"),
-        "--port",
-        str(port),
-        "--target",
-        f"127.0.0.1:{replica_port}",
-    ]
-    proc = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the bare relay did not start")
 
 
 def report(trees: list[Tree]) -> None:
