@@ -200,6 +200,7 @@ def create_app(settings: GatewaySettings, deps: GatewayDeps | None = None, worke
                 await hot_adapters.close()
             await trainer.close()
             await pool.close()
+            await app.state.authenticator.close()
             engine.dispose()
 
     app = GatewayApp(

@@ -70,9 +70,17 @@ def principal_for(owner: KeyOwner, defaults: DefaultLimits) -> Principal:
 class Authenticator:
     """Checks ``Authorization: Bearer <key>`` against the admin key, then the tenant directory.
 
-    Verified tenant keys are cached for ``cache_s`` so a request costs no
-    database round trip; ``forget`` drops entries when this gateway revokes a
-    key or disables a tenant, so those take effect at once here.
+    Verified tenant keys are cached for ``cache_s`` so a request costs no database round trip. Two things keep
+    the database off the request path under load, where it used to sit once per ``cache_s`` for every request
+    in flight on a key (each one a query in a worker thread, all competing with the event loop for the GIL):
+
+    * one lookup per key at a time: requests that miss together wait for the same query;
+    * a key in use is looked up again in the background once its entry is past half its life, so it never
+      expires under steady traffic. An entry is still never used past ``cache_s`` after the query that made it,
+      so a revocation through another gateway applies within ``cache_s``, as before.
+
+    ``forget`` drops entries when this gateway revokes a key or disables a tenant, so those take effect at once
+    here: a lookup that was running then does not cache what it read.
     """
 
     def __init__(
@@ -87,7 +95,10 @@ class Authenticator:
         self._directory = directory
         self._defaults = defaults or DefaultLimits()
         self._cache_s = cache_s
-        self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self._cache: dict[bytes, tuple[Principal, float]] = {}  # digest -> (principal, expires at)
+        self._lookups: dict[bytes, asyncio.Task[Principal | None]] = {}  # digest -> the query to join for it
+        self._running: set[asyncio.Task[Principal | None]] = set()  # every query running, joined or not
+        self._generation = 0  # bumped by forget(): a lookup started before it caches nothing
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -109,19 +120,46 @@ class Authenticator:
     async def _tenant_principal(self, token: str, digest: bytes) -> Principal | None:
         if self._directory is None or not token.startswith(KEY_PREFIX):
             return None
-        now = time.monotonic()
+        if self._cache_s <= 0:  # no cache: every request asks the database itself
+            return await self._query(token, digest, self._generation)
         cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        if cached is not None:
+            left = cached[1] - time.monotonic()
+            if left > 0:
+                if left < self._cache_s / 2 and digest not in self._lookups:
+                    self._lookup(token, digest)  # refreshed in the background; this request goes on
+                return cached[0]
+        # shield: a request that goes away leaves the query to the others waiting for it
+        return await asyncio.shield(self._lookups.get(digest) or self._lookup(token, digest))
+
+    def _lookup(self, token: str, digest: bytes) -> asyncio.Task[Principal | None]:
+        task = asyncio.create_task(self._query(token, digest, self._generation))
+        self._lookups[digest] = task
+        self._running.add(task)
+        task.add_done_callback(lambda done: self._lookup_done(digest, done))
+        return task
+
+    def _lookup_done(self, digest: bytes, task: asyncio.Task[Principal | None]) -> None:
+        self._running.discard(task)
+        if self._lookups.get(digest) is task:
+            del self._lookups[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved: a background refresh's failure is the next request's to report
+
+    async def _query(self, token: str, digest: bytes, generation: int) -> Principal | None:
+        assert self._directory is not None
+        started = time.monotonic()  # the entry's age counts from the query, not from its answer
         owner = await asyncio.to_thread(self._directory.find_key, token)
+        current = generation == self._generation
         if owner is None or owner.key.revoked_at is not None or owner.tenant.disabled:
-            self._cache.pop(digest, None)
+            if current:
+                self._cache.pop(digest, None)
             return None
         principal = principal_for(owner, self._defaults)
-        if self._cache_s > 0:
+        if current and self._cache_s > 0:
             if len(self._cache) >= _MAX_CACHED_KEYS:
                 self._cache.clear()  # crude but bounded; the next requests refill it
-            self._cache[digest] = (principal, now + self._cache_s)
+            self._cache[digest] = (principal, started + self._cache_s)
         return principal
 
     def forget(self, *, key_id: str | None = None, tenant: str | None = None) -> None:
@@ -129,6 +167,17 @@ class Authenticator:
         for digest, (principal, _) in list(self._cache.items()):
             if principal.subject == key_id or principal.tenant == tenant:
                 del self._cache[digest]
+        # A lookup running now may have read the key before the change: it caches nothing, and requests from
+        # now on start their own.
+        self._generation += 1
+        self._lookups.clear()
+
+    async def close(self) -> None:
+        """Stop lookups still running (background refreshes), before the database closes."""
+        tasks = list(self._running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def identify(app_state: Any, authorization: str | None, state: dict[str, Any]) -> Principal:
