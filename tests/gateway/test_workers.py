@@ -214,6 +214,8 @@ def test_workers_share_the_connections_and_metrics_add_them_up(
     # So does the adapter's traffic in the adapters API (7 tokens a reply).
     traffic = gateway.admin_get(f"/v1/lorafleet/adapters/{ADAPTER}").json()["traffic"]
     assert (traffic["requests"], traffic["errors"], traffic["completion_tokens"]) == (30, 0, 30 * 7)
+    # Each worker froze its start-up heap for the garbage collector once it served (lorafleet_common.gc_heap).
+    assert gateway.proc.log_path.read_text().count("start-up heap frozen for the garbage collector") == 2
 
 
 def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(
@@ -327,6 +329,7 @@ def test_one_worker_is_the_single_process_gateway(start_gateway: Callable[..., G
     assert stream_chat(gateway.url) == REPLY
     assert gateway.chat_count() == 1
     assert gateway.workers() == []  # it serves by itself
+    assert gateway.proc.log_path.read_text().count("start-up heap frozen for the garbage collector") == 1
     assert "PROMETHEUS_MULTIPROC_DIR" not in psutil.Process(gateway.proc.pid).environ()
     assert not list(gateway.tmp.glob("lorafleet-gateway-metrics-*"))
 

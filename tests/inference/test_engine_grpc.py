@@ -567,4 +567,6 @@ async def test_a_restarted_replica_serves_every_published_adapter_then_drains_on
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "inference stopped" in log_path.read_text()
+    log_text = log_path.read_text()
+    assert "inference stopped" in log_text
+    assert "start-up heap frozen for the garbage collector" in log_text  # once serving (lorafleet_common.gc_heap)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from functools import partial
 from types import FrameType
@@ -16,6 +17,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from lorafleet_common.gc_heap import freeze_startup_heap
 from lorafleet_common.logs import configure_logging
 from lorafleet_gateway.app import create_app
 from lorafleet_gateway.settings import GatewaySettings
@@ -74,11 +76,21 @@ def main() -> None:
     serve(settings, worker)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server that, once the app has started (lifespan done, socket listening), freezes the heap built so
+    far for the garbage collector: full collections then stop stalling every stream in flight (gc_heap.py)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            freeze_startup_heap(logger)
+
+
 def serve(settings: GatewaySettings, worker: WorkerRole | None) -> None:
     """Serve until SIGTERM: the whole gateway in this process, or one worker's share of it."""
     config = uvicorn_config(settings, worker)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then run the lifespan exit.
-    server = uvicorn.Server(config)
+    server = Server(config)
 
     # Once drained, uvicorn restores the handler it found and raises the signal again, so with the default
     # handler a clean drain ends as "killed by SIGTERM" (exit -15/143), which supervisors and tests cannot tell

@@ -22,6 +22,7 @@ from typing import Any
 from grpc_health.v1 import health
 
 from lorafleet_common.embedded_model import resolve_base_model
+from lorafleet_common.gc_heap import freeze_startup_heap
 from lorafleet_common.logs import configure_logging
 from lorafleet_common.store import ObjectStore
 from lorafleet_inference.adapters import AdapterManager
@@ -190,6 +191,7 @@ async def serve(settings: InferenceSettings) -> None:
         await asyncio.gather(starting, return_exceptions=True)
         return
     app = starting.result()
+    freeze_startup_heap(log)  # here, not in start(): tests start replicas in their own process
     failed = asyncio.ensure_future(app.engine_failed.wait())
     await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
     if failed.done():
@@ -205,7 +207,8 @@ def main() -> None:
     configure_logging(settings.log_level, "inference")
     asyncio.run(serve(settings))
     # Collect the (already shut down) engine while modules are intact: AsyncLLM.__del__ calls shutdown()
-    # again, which fails noisily if it only runs during interpreter teardown.
+    # again, which fails noisily if it only runs during interpreter teardown. Frozen objects are never collected.
+    gc.unfreeze()
     gc.collect()
 
 
