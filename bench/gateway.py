@@ -11,9 +11,11 @@ throughput ratio gateway/direct.
     python bench/gateway.py                 # full run (about a minute)
     python bench/gateway.py --quick         # smoke run (seconds)
     python bench/gateway.py --gateway-workers 1,8   # one gateway per worker count, each level through each
-    python bench/gateway.py --clients 8 --gateway-workers 1,4 --bare-relay --interleave 8
+    python bench/gateway.py --clients 8 --gateway-workers 1,4 --bare-relay --interleave 8 [--spread-s 0.64]
         # load from 8 processes; bench/bare_relay.py (the floor) as one more column; every level in 8 rounds
-        # alternating the paths, pooled per path (a drift of the machine hits every path alike)
+        # alternating the paths, pooled per path (a drift of the machine hits every path alike); with
+        # --spread-s the streams start spread over that time (one request's length: steady arrivals) instead
+        # of in one burst
 """
 
 from __future__ import annotations
@@ -281,10 +283,12 @@ def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: 
             levels: list[list[Level]] = [[] for _ in gateways]
             cpu = [0.0 for _ in gateways]
             for _ in range(rounds):
-                direct_levels.append(pool.run("direct", direct_target, calls, args.tokens, concurrency))
+                direct_levels.append(pool.run("direct", direct_target, calls, args.tokens, concurrency, args.spread_s))
                 for i, (gateway, kw) in enumerate(zip(gateways, gateway_kw, strict=True)):
                     cpu_before = tree_cpu_seconds(gateway.pid)
-                    levels[i].append(pool.run("gateway", gateway.url, calls, args.tokens, concurrency, **kw))
+                    levels[i].append(
+                        pool.run("gateway", gateway.url, calls, args.tokens, concurrency, args.spread_s, **kw)
+                    )
                     cpu_after = tree_cpu_seconds(gateway.pid)
                     if cpu_before is None or cpu_after is None:
                         cpu[i] = float("nan")
@@ -295,6 +299,7 @@ def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: 
                 gateway_run = pooled(levels[i])
                 rows.append(row(concurrency, len(gateway_run.samples) + gateway_run.errors, direct_run, gateway_run))
                 rows[-1] |= {"workers": gateway.workers, "target": gateway.label, "rounds": rounds}
+                rows[-1] |= {"spread_s": args.spread_s}
                 walls = [level.wall_s for level in levels[i]]
                 rows[-1]["client_cpu_share"] = max(
                     max(level.client_cpu_s) / level.wall_s if level.wall_s else float("nan") for level in levels[i]
@@ -427,9 +432,16 @@ def main() -> int:
         default=1,
         help="with --clients: run each level as N rounds alternating direct and every gateway (default 1)",
     )
+    parser.add_argument(
+        "--spread-s",
+        type=float,
+        default=0.0,
+        help="with --clients: each level's streams start evenly over this many seconds, not at once (default 0: "
+        "a burst; requests of one length then stay in step)",
+    )
     args = parser.parse_args()
-    if args.interleave > 1 and not args.clients:
-        parser.error("--interleave needs --clients")
+    if (args.interleave > 1 or args.spread_s) and not args.clients:
+        parser.error("--interleave and --spread-s need --clients")
     if args.quick:
         args.tokens, args.token_delay_ms, args.rounds, args.min_requests = 4, 2.0, 1, 4
 

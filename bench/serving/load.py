@@ -30,6 +30,7 @@ class Job:
     start_at: float  # time.time() at which the first requests go out
     key: str = ""  # the gateway's API key
     base_model: str = ""  # the gateway's model id of the base model (used when the adapter is "")
+    first_delays: list[float] = field(default_factory=list)  # per stream: seconds after start_at of its first request
 
 
 @dataclass
@@ -136,7 +137,8 @@ async def _run(job: Job) -> JobResult:
         def one(adapter: str, prompt: str) -> Any:
             return _gateway_call(http, job, adapter, prompt)
 
-    async def worker() -> None:
+    async def worker(delay: float) -> None:
+        await asyncio.sleep(delay)
         while queue:
             adapter, prompt = queue.pop()
             try:
@@ -146,7 +148,8 @@ async def _run(job: Job) -> JobResult:
 
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
     cpu0, started = time.process_time(), time.time()
-    await asyncio.gather(*(worker() for _ in range(job.concurrency)))
+    delays = job.first_delays or [0.0] * job.concurrency
+    await asyncio.gather(*(worker(delay) for delay in delays))
     ended, cpu = time.time(), time.process_time() - cpu0
     if channel is not None:
         await channel.close()
@@ -208,17 +211,21 @@ class LoadPool:
         calls: list[tuple[str, str]],
         max_tokens: int,
         concurrency: int,
+        spread_s: float = 0.0,
         **extra: Any,
     ) -> Level:
         """``calls`` split over the workers (round robin), ``concurrency`` in flight in all; a list of targets is
-        spread over the workers too."""
+        spread over the workers too. ``spread_s``: the streams' first requests go out evenly over this long instead
+        of at once (requests of one length, started together, otherwise stay in step and arrive in bursts)."""
         targets = [target] if isinstance(target, str) else target
         jobs = min(len(self._conns), concurrency, len(calls))
         start_at = time.time() + 0.5 + 0.02 * concurrency  # time for every worker to open its connections
         sent = []
         for i in range(jobs):
             share = concurrency // jobs + (1 if i < concurrency % jobs else 0)
+            delays = [(i + j * jobs) * spread_s / concurrency for j in range(share)]  # stream i + j*jobs of the level
             job = Job(path, targets[i % len(targets)], calls[i::jobs], max_tokens, share, start_at, **extra)
+            job.first_delays = delays
             self._conns[i].send(job)
             sent.append(self._conns[i])
         results = []

@@ -39,16 +39,18 @@ def test_gateway_bench_quick() -> None:
 
 
 def test_gateway_bench_interleaves_rounds_with_the_bare_relay(tmp_path: Path) -> None:
-    """Load from client processes, each level in alternating rounds, with the bare relay as one more column."""
+    """Load from client processes, each level in alternating rounds with its streams started spread out, and the bare
+    relay as one more column."""
     out = tmp_path / "rows.json"
     arguments = ["--quick", "--clients", "2", "--concurrency", "1,4", "--requests", "8", "--interleave", "2"]
+    arguments += ["--spread-s", "0.02"]  # the streams' first requests 5 ms apart at 4 streams
     run_bench("gateway.py", *arguments, "--bare-relay", "--json-out", str(out))
     rows = json.loads(out.read_text())
     assert [(r["concurrency"], r["target"]) for r in rows] == [(1, "1"), (1, "bare"), (4, "1"), (4, "bare")]
     for row in rows:
         # every request answered, in two rounds of half the level each, tokens counted through both paths
         assert row["errors"] == 0 and row["requests"] == 8 and row["rounds"] == 2 and len(row["round_walls_s"]) == 2
-        assert row["direct_tokens_per_s"] > 0 and 0 < row["throughput_ratio"] < 2
+        assert row["direct_tokens_per_s"] > 0 and 0 < row["throughput_ratio"] < 2 and row["spread_s"] == 0.02
 
 
 def test_gateway_cpu_bench_runs_with_the_bare_relay() -> None:
