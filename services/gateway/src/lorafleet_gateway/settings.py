@@ -170,9 +170,10 @@ class GatewaySettings(CommonSettings):
     auth_cache_s: float = Field(
         default=5.0,
         ge=0,
-        description="How long a verified API key is trusted without asking the database again. Revocations made "
-        "through this gateway process apply at once; through another gateway replica or worker process, within "
-        "this time.",
+        description="How long a verified API key is trusted without asking the database again (0: every request "
+        "asks). A key in use is looked up again in the background once half this time has passed, one lookup per "
+        "key at a time, so requests never wait on an expired entry. Revocations made through this gateway process "
+        "apply at once; through another gateway replica or worker process, within this time.",
     )
     default_rpm_limit: int | None = Field(
         default=None, ge=1, description="Requests per minute per API key unless its tenant or key says otherwise."
