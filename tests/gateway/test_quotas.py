@@ -151,3 +151,23 @@ def test_token_buckets_refill_and_settle() -> None:
     for _ in range(1000):
         limiter.admit_request(unlimited)
         limiter.admit_tokens(unlimited, 10**6)
+
+
+def test_a_changed_limit_applies_to_what_the_key_has_used_at_once() -> None:
+    clock = Clock()
+    limiter = RateLimiter(GatewayMetrics(CollectorRegistry()), clock=clock)
+    throttled = Principal(subject="key_1", tenant="t", rpm_limit=1)
+    limiter.admit_request(throttled)
+    with pytest.raises(RequestRateLimited):
+        limiter.admit_request(throttled)
+    raised = Principal(subject="key_1", tenant="t", rpm_limit=1000)  # the admin raised it: no time has passed
+    for _ in range(999):  # the one request already made counts against the new minute's allowance
+        limiter.admit_request(raised)
+    with pytest.raises(RequestRateLimited):
+        limiter.admit_request(raised)
+    lowered = Principal(subject="key_1", tenant="t", rpm_limit=10)
+    clock.now += 30.0  # half a minute at the new limit's pace: 5 requests back
+    for _ in range(5):
+        limiter.admit_request(lowered)
+    with pytest.raises(RequestRateLimited):
+        limiter.admit_request(lowered)

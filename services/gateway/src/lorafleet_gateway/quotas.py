@@ -33,8 +33,14 @@ CHARS_PER_TOKEN = 4  # a conservative-enough estimate for admission; corrected b
 class Bucket:
     level: float
     updated: float
+    capacity: int
 
     def refill(self, capacity: int, now: float) -> None:
+        if capacity > self.capacity:
+            # The key's limit was raised (the admin API, seen once its cached key is looked up again): what it
+            # has used stays used, the rest of the new allowance is there at once. A lowered limit only caps it.
+            self.level += capacity - self.capacity
+        self.capacity = capacity
         rate = capacity / WINDOW_S
         self.level = min(float(capacity), self.level + (now - self.updated) * rate)
         self.updated = now
@@ -61,7 +67,7 @@ class RateLimiter:
         now = self._clock()
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = Bucket(float(capacity), now)
+            bucket = buckets[key] = Bucket(float(capacity), now, capacity)
         bucket.refill(capacity, now)
         return bucket
 
