@@ -29,11 +29,14 @@ class GatedDirectory:
         self.calls = 0
         self.gate = threading.Event()
         self.gate.set()
-        self.entered = threading.Semaphore(0)  # released once per call, when it reaches the gate
+        # released once per call that reaches the gate closed (one let through an open gate would leave a
+        # release behind, and the next ``entered`` would return before the call it waits for had begun)
+        self.entered = threading.Semaphore(0)
 
     def find_key(self, secret: str) -> Any:
         self.calls += 1
-        self.entered.release()
+        if not self.gate.is_set():
+            self.entered.release()
         assert self.gate.wait(10), "the test never opened the gate"
         return self.directory.find_key(secret)
 
