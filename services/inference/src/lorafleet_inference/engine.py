@@ -70,14 +70,6 @@ def on_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
@@ -85,7 +77,7 @@ def engine_dtype(settings: InferenceSettings, cuda: bool) -> Dtype:
     """settings.dtype, or the default for this machine (see the setting's description)."""
     if settings.dtype is not None:
         return settings.dtype
-    return "auto" if cuda or cpu_has_native_bf16() else "float32"
+    return "auto" if cuda else "float32"
 
 
 def engine_args(settings: InferenceSettings, model_path: str) -> Any:

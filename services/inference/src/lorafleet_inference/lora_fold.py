@@ -58,6 +58,8 @@ def folded_linear(x: Any, bias: Any, w_full: Any, a_folded: Any, mask: Any, buff
     import torch
 
     rows = x.shape[0]
+    if bias is not None and bias.dtype != w_full.dtype:
+        bias = bias.to(w_full.dtype)  # vLLM's CPU build keeps a bf16 model's biases in float32 for its own GEMM
     wide = buffer[:rows, : w_full.shape[1]]
     torch.mul(torch.mm(x, a_folded.t()), mask[:rows], out=wide[:, input_size:])
     wide[:, :input_size].copy_(x)

@@ -88,9 +88,10 @@ class InferenceSettings(CommonSettings):
     )
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = Field(
         default=None,
-        description="Weight and activation dtype passed to vLLM. None = 'auto' on CUDA; on a CPU, 'auto' only if "
-        "it computes bfloat16 natively (avx512_bf16/amx_bf16), else float32 (vLLM's auto picks bfloat16 there, "
-        "which AVX2-only CPUs emulate about 3x slower).",
+        description="Weight and activation dtype passed to vLLM. None = 'auto' on CUDA, float32 on a CPU: vLLM's "
+        "auto picks bfloat16 there, which AVX2-only CPUs emulate about 3x slower, and which on a CPU with AMX ran "
+        "the embedded model 1.5-1.75x faster but changed its greedy answers and made batched outputs differ from "
+        "single ones (docs/inference.md). bfloat16 on a CPU is opt-in and not covered by the tests.",
     )
     enforce_eager: bool | None = Field(
         default=None, description="Disable CUDA graphs / torch.compile. None = True on CPU, False on CUDA."
