@@ -7,7 +7,10 @@ event with the first token; then an event per chunk, the usage event if ``stream
 for it, and ``data: [DONE]``. Not a server to use: a benchmark's reference (bench/gateway_cpu.py,
 bench/gateway.py --bare-relay).
 
-    python bench/bare_relay.py --port 8100 --target 127.0.0.1:50051
+    python bench/bare_relay.py --port 8100 --target 127.0.0.1:50051 [--base-model NAME]
+
+With ``--base-model``, a request whose ``model`` is another name runs on the adapter of that store name (the
+replica's own names, e.g. ``bench/m0``: no tenant mapping); without it every request runs on the base model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
 
 
-def relay(target: str) -> Any:
+def relay(target: str, base_model: str = "") -> Any:
     stub: Any = None
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -49,14 +52,18 @@ def relay(target: str) -> Any:
             return
         request = json.loads(body)
         chat = scope["path"] == "/v1/chat/completions"
+        model = request.get("model") or ""
+        adapter = model if base_model and model != base_model else ""
         sampling = inference_pb2.SamplingParams(
             max_tokens=request.get("max_tokens") or 0, ignore_eos=bool(request.get("ignore_eos"))
         )
         if chat:
             messages = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in request["messages"]]
-            upstream = inference_pb2.GenerateRequest(chat=inference_pb2.ChatInput(messages=messages), sampling=sampling)
+            upstream = inference_pb2.GenerateRequest(
+                adapter=adapter, chat=inference_pb2.ChatInput(messages=messages), sampling=sampling
+            )
         else:
-            upstream = inference_pb2.GenerateRequest(prompt=request["prompt"], sampling=sampling)
+            upstream = inference_pb2.GenerateRequest(adapter=adapter, prompt=request["prompt"], sampling=sampling)
         call = stub.Generate(upstream, timeout=600)
         chunk = await call.read()
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
@@ -79,9 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--target", required=True, help="the replica, host:port")
+    parser.add_argument("--base-model", default="", help="requests naming another model run on that adapter")
     args = parser.parse_args()
     uvicorn.run(
-        relay(args.target),
+        relay(args.target, args.base_model),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

@@ -37,7 +37,7 @@ from serving.adapters import AdapterSpec, AdapterWriter
 from serving.load import LoadPool
 from serving.model import SHAPES, PromptMaker, write_model_dir
 from serving.probe import nvidia_smi, scrape, total
-from serving.stack import start_gateway, start_inference, tenant_key, wait_ready, wait_serving
+from serving.stack import start_bare_relay, start_gateway, start_inference, tenant_key, wait_ready, wait_serving
 from serving.stages import TENANT, ServiceBench
 
 
@@ -239,12 +239,18 @@ def run_services(run: Run) -> None:
         run.results["startup"] = {"inference_serving_s": time.monotonic() - started}
         for gw, url in zip(gateways, urls, strict=True):
             wait_ready(gw, url, 120)
+        bare_url = ""
+        if args.bare_relay:
+            bare, bare_url = start_bare_relay(logs, f"127.0.0.1:{grpc_port}", settings.base_model)
+            gateways.append(bare)  # stopped with the gateways
+            wait_ready(bare, bare_url, 60, path="/ready")
         key = tenant_key(urls[0], admin_key, TENANT)
         run.log(f"inference SERVING after {run.results['startup']['inference_serving_s']:.0f} s; gateways ready")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         bench = ServiceBench(run, pool, f"127.0.0.1:{grpc_port}", urls, (key, admin_key), settings.base_model)
         bench.pids = {"inference": inference.proc.pid} | {gw.name: gw.proc.pid for gw in gateways}
-        bench.gateway_workers = [workers(i) for i in range(len(gateways))]
+        bench.gateway_workers = [workers(i) for i in range(len(urls))]
+        bench.bare = bare_url
         bench.latency_adapter = mix[0].name if args.latency_adapter and mix else ""
         bench.warm_up(mix)
         run.results["throughput"] = {}
@@ -261,7 +267,7 @@ def run_services(run: Run) -> None:
         for streams, requests in zip(args.streams, args.stream_requests, strict=True):
             if "latency" in args.stages and run.budget_left(f"latency {streams}", 30):
                 run.results["latency"][str(streams)] = bench.latency(
-                    streams, requests, min(args.latency_gateways, len(gateways))
+                    streams, requests, min(args.latency_gateways, len(urls))
                 )
                 run.save()
         if "loads" in args.stages and run.budget_left("adapter loads", 30):
@@ -394,6 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: [int(x) for x in s.split(",")],
         default=[1],
         help="worker processes of each gateway, comma-separated (LORAFLEET_GATEWAY_WORKERS; the last value repeats)",
+    )
+    p.add_argument(
+        "--bare-relay",
+        action="store_true",
+        help="each throughput case also through bench/bare_relay.py: what the least Python relay costs",
     )
     p.add_argument(
         "--latency-gateways", type=int, default=1, help="latency levels through each of the first N gateways"

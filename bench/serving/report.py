@@ -71,7 +71,7 @@ def text(results: dict[str, Any]) -> str:
         lines.append("(a/b) throughput: all requests submitted at once")
         lines.append(f"{'case':<26}{'path':<10}{'out tok/s':>10}{'req/s':>8}{'tok/req':>12}{'TTFT p50':>10}{'err':>5}")
         for case, row in tp.items():
-            for path, r in passes(row, ("gateway", "gateway_all", "direct", "raw")):
+            for path, r in passes(row, ("gateway", "gateway_all", "bare", "direct", "raw")):
                 span = f"{r['tokens_per_request_min']}-{r['tokens_per_request_max']}" if "ttft_p50_ms" in r else ""
                 ttft = f"{r['ttft_p50_ms']:.0f} ms" if "ttft_p50_ms" in r else ""
                 lines.append(
@@ -81,7 +81,7 @@ def text(results: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"when tokens came, s from the pass's first request at quantiles {list(TIMELINE_QUANTILES)}")
         for case, row in tp.items():
-            for path, r in passes(row, ("gateway", "gateway_all", "direct")):
+            for path, r in passes(row, ("gateway", "gateway_all", "bare", "direct")):
                 if "first_token_at_s" in r:
                     first = " ".join(f"{t:.2f}" for t in r["first_token_at_s"])
                     end = " ".join(f"{t:.2f}" for t in r["end_at_s"])

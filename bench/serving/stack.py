@@ -128,6 +128,18 @@ def start_gateway(logs: Path, index: int, settings: dict[str, str]) -> tuple[Ser
     return start(f"gateway-{index}", "lorafleet_gateway", env, logs), f"http://127.0.0.1:{port}"
 
 
+def start_bare_relay(logs: Path, target: str, base_model: str) -> tuple[Service, str]:
+    """bench/bare_relay.py in front of the replica ``target``: the least any Python relay adds, beside the gateways."""
+    port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / "bare-relay.log"
+    script = Path(__file__).resolve().parents[1] / "bare_relay.py"
+    command = [sys.executable, str(script), "--port", str(port), "--target", target, "--base-model", base_model]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=service_env({}), stdout=out, stderr=subprocess.STDOUT)
+    return Service("bare-relay", proc, log), f"http://127.0.0.1:{port}"
+
+
 def wait_ready(service: Service, url: str, timeout_s: float, path: str = "/ready") -> None:
     """/ready answers 200 once the gateway has a healthy replica; /health once it serves at all."""
     deadline = time.monotonic() + timeout_s

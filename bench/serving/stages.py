@@ -27,6 +27,7 @@ class ServiceBench:
         self.pids: dict[str, int] = {}  # front-end processes whose CPU use is recorded per pass (with children)
         self.gateway_workers = [1] * len(gateways)  # each gateway's worker processes
         self.latency_adapter = ""  # store name of an adapter whose latency levels run too (direct); "" = none
+        self.bare = ""  # base URL of bench/bare_relay.py in front of the replica, measured as one more path; "" = none
 
     def measured(self, path: str, calls: list[tuple[str, str]], max_tokens: int, concurrency: int, **kw: Any) -> Any:
         """``level`` plus the share of a core each front-end process (inference gRPC + vLLM's output handling,
@@ -53,6 +54,8 @@ class ServiceBench:
         Through the gateway numbered ``gateway``, or spread over all of them (``all_gw``)."""
         if path == "direct":
             return self.pool.run("direct", self.direct, calls, max_tokens, concurrency)
+        if path == "bare":  # the replica's store names as models, no key: the relay does neither tenancy nor auth
+            return self.pool.run("gateway", [self.bare], calls, max_tokens, concurrency, key="-", base_model=self.base)
         model_ids = [(a.removeprefix(f"{TENANT}/"), p) for a, p in calls]
         targets = self.gateways if all_gw else self.gateways[gateway : gateway + 1]
         return self.pool.run("gateway", targets, model_ids, max_tokens, concurrency, key=self.key, base_model=self.base)
@@ -61,7 +64,7 @@ class ServiceBench:
         return self.run.prompt_maker.prompts(count, tokens or self.args.prompt_tokens, self.run.next_seed())
 
     def warm_up(self, mix: list[AdapterSpec]) -> None:
-        for path in ("direct", "gateway"):
+        for path in ("direct", "gateway", *(["bare"] if self.bare else [])):
             self.level(path, [("", p) for p in self.prompts(4, 16)], 4, 4)
             self.level(path, [(mix[0].name, p) for p in self.prompts(2, 16)], 4, 2)
 
@@ -88,13 +91,16 @@ class ServiceBench:
         ]
         if len(self.gateways) > 1 and not adapters:
             row["gateway_all"] = self.measured("gateway", calls(), out, n, all_gw=True)
+        if self.bare:
+            row["bare"] = self.measured("bare", calls(), out, n)
         more = "".join(
             f", gateway {i + 1} ({r['workers']} workers) {r['out_tok_s']:.0f}"
             for i, r in enumerate(row["more_gateways"])
         )
+        bare = f", bare relay {row['bare']['out_tok_s']:.0f}" if "bare" in row else ""
         self.run.log(
             f"{case}: gateway {row['gateway']['out_tok_s']:.0f} tok/s, direct {row['direct']['out_tok_s']:.0f} tok/s"
-            f"{more} (first pass {row['first_pass']['out_tok_s']:.0f})"
+            f"{more}{bare} (first pass {row['first_pass']['out_tok_s']:.0f})"
         )
         return row
 

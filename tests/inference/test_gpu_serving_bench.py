@@ -32,13 +32,15 @@ def run_bench(out: Path, *extra: str) -> dict[str, Any]:
 
 def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
     # The first gateway runs two worker processes: its token counter (checked below) adds up both.
-    data = run_bench(tmp_path, "--gateway-workers", "2,1", "--latency-gateways", "2")
+    data = run_bench(tmp_path, "--gateway-workers", "2,1", "--latency-gateways", "2", "--bare-relay")
     assert data["skipped"] == []
     assert set(data["throughput"]) == {"base", "1 adapter", "2 adapters", "3 adapters, 2 slots"}
     for case, row in data["throughput"].items():
         (alone,) = row["more_gateways"]  # the second gateway (one process) alone, after the first (two workers)
         assert alone["workers"] == 1
-        for path, level in [(p, row[p]) for p in ("first_pass", "gateway", "direct")] + [("gateway 2", alone)]:
+        # bench/bare_relay.py beside the gateways: a fourth path through the same cases
+        paths = ("first_pass", "gateway", "direct", "bare")
+        for path, level in [(p, row[p]) for p in paths] + [("gateway 2", alone)]:
             assert level["errors"] == 0, (case, path, level["first_errors"])
             # ignore_eos through the gateway and the gRPC contract: every request makes exactly max_tokens
             assert level["tokens_per_request_min"] == level["tokens_per_request_max"] == QUICK_OUTPUT_TOKENS
