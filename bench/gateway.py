@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,11 @@ from typing import Any
 
 import grpc
 import httpx
-from serving.stack import tree_cpu_seconds  # bench/ is on sys.path: this file runs as a script
+from serving.stack import (  # bench/ is on sys.path: this file runs as a script
+    bare_relay_command,
+    free_port,
+    tree_cpu_seconds,
+)
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -67,12 +70,6 @@ class Run:
     @property
     def tokens_per_s(self) -> float:
         return sum(s.tokens for s in self.samples) / self.wall_s if self.wall_s else 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def load(concurrency: int, requests: int, one: Callable[[], Awaitable[Sample]]) -> Run:
@@ -158,15 +155,7 @@ def start_replica(tokens: int, delay_ms: float) -> tuple[subprocess.Popen[str], 
 
 def start_bare_relay(replica_port: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [
-        sys.executable,
-        str(HERE / "bare_relay.py"),
-        "--port",
-        str(port),
-        "--target",
-        f"127.0.0.1:{replica_port}",
-    ]
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(bare_relay_command(port, f"127.0.0.1:{replica_port}"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
