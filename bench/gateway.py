@@ -38,11 +38,8 @@ from typing import Any
 
 import grpc
 import httpx
-from serving.stack import (  # bench/ is on sys.path: this file runs as a script
-    bare_relay_command,
-    free_port,
-    tree_cpu_seconds,
-)
+import serving.stack  # bench/ is on sys.path: this file runs as a script
+from serving.stack import free_port, tree_cpu_seconds
 
 from lorafleet.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -153,19 +150,11 @@ def start_replica(tokens: int, delay_ms: float) -> tuple[subprocess.Popen[str], 
     return proc, int(line[1])
 
 
-def start_bare_relay(replica_port: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(bare_relay_command(port, f"127.0.0.1:{replica_port}"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the bare relay did not start")
+def start_bare_relay(replica_port: int, logs: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/bare_relay.py in front of the fake replica, ready; its log in ``logs``."""
+    relay, url = serving.stack.start_bare_relay(logs, f"127.0.0.1:{replica_port}", "")
+    serving.stack.wait_ready(relay, url, 30)
+    return relay.proc, url
 
 
 def start_gateway(
@@ -295,7 +284,7 @@ def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: 
                 )
                 rows[-1]["round_walls_s"] = walls
                 tokens = sum(s.tokens for s in gateway_run.samples)
-                if tokens and cpu[i] == cpu[i]:
+                if tokens and not math.isnan(cpu[i]):
                     rows[-1]["gateway_cpu_us_per_token"] = cpu[i] / tokens * 1e6
                 print_row(rows[-1])
     finally:
@@ -446,7 +435,7 @@ def main() -> int:
                 procs.append(gateway)
                 gateways.append(Gateway(workers, url, tenant_key(url, admin_key), gateway.pid))
             if args.bare_relay:
-                relay, url = start_bare_relay(replica_port)
+                relay, url = start_bare_relay(replica_port, Path(home))
                 procs.append(relay)
                 # the relay checks no key; it gets a header of a real key's length all the same
                 gateways.append(Gateway(0, url, "unchecked-" + secrets.token_hex(16), relay.pid))

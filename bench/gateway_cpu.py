@@ -133,7 +133,7 @@ def main() -> int:
                 started.append((root.resolve().name or str(root), proc.pid, url, tenant_key(url, admin_key)))
             os.environ["PYTHONPATH"] = inherited
             if args.bare_relay:
-                proc, url = start_bare_relay(replica_port)
+                proc, url = start_bare_relay(replica_port, Path(work))
                 procs.append(proc)
                 started.append(("bare relay", proc.pid, url, "none"))
             print(

@@ -224,8 +224,16 @@ class LoadPool:
         for i in range(jobs):
             share = concurrency // jobs + (1 if i < concurrency % jobs else 0)
             delays = [(i + j * jobs) * spread_s / concurrency for j in range(share)]  # stream i + j*jobs of the level
-            job = Job(path, targets[i % len(targets)], calls[i::jobs], max_tokens, share, start_at, **extra)
-            job.first_delays = delays
+            job = Job(
+                path,
+                targets[i % len(targets)],
+                calls[i::jobs],
+                max_tokens,
+                share,
+                start_at,
+                first_delays=delays,
+                **extra,
+            )
             self._conns[i].send(job)
             sent.append(self._conns[i])
         results = []

@@ -136,18 +136,13 @@ def start_gateway(logs: Path, index: int, settings: dict[str, str]) -> tuple[Ser
     return start(f"gateway-{index}", "lorafleet_gateway", env, logs), f"http://127.0.0.1:{port}"
 
 
-def bare_relay_command(port: int, target: str, base_model: str = "") -> list[str]:
-    """bench/bare_relay.py on ``port`` in front of the replica ``target`` (host:port)."""
-    script = Path(__file__).resolve().parents[1] / "bare_relay.py"
-    return [sys.executable, str(script), "--port", str(port), "--target", target, "--base-model", base_model]
-
-
 def start_bare_relay(logs: Path, target: str, base_model: str) -> tuple[Service, str]:
     """bench/bare_relay.py in front of the replica ``target``: the least any Python relay adds, beside the gateways."""
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "bare-relay.log"
-    command = bare_relay_command(port, target, base_model)
+    script = Path(__file__).resolve().parents[1] / "bare_relay.py"
+    command = [sys.executable, str(script), "--port", str(port), "--target", target, "--base-model", base_model]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=service_env({}), stdout=out, stderr=subprocess.STDOUT)
     return Service("bare-relay", proc, log), f"http://127.0.0.1:{port}"
