@@ -134,6 +134,7 @@ OPTIONAL_ENGINE_SETTINGS = (
     "max_num_batched_tokens",
     "specialize_active_lora",
     "lora_fold",
+    "lora_fold_rank_budget",
     "gpu_memory_utilization",
     "dtype",
     "enforce_eager",
@@ -389,6 +390,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: s.lower() == "true",
         default=None,
         help="true|false: one-adapter steps folded into the base GEMMs (default: the service's)",
+    )
+    p.add_argument(
+        "--lora-fold-rank-budget",
+        type=int,
+        default=None,
+        help="rank units for several-adapter steps folded into the base GEMMs; 0: one adapter only "
+        "(default: the service's)",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--dtype", default=None)

@@ -7,12 +7,15 @@ request is first run alone; then in mixes that share engine steps: one adapter b
 adapters beside one, and two adapters without any. A request of a mix must produce the tokens it produced alone.
 If an adapter is dropped in the mixed steps, its request produces what the base model would instead.
 
-    python bench/lora_mixed_check.py [--variants vllm,ours,ours-vllm-grid,ours-fold,ours-no-fold] [--out DIR]
+    python bench/lora_mixed_check.py [--variants vllm,ours,ours-fold,ours-no-fold,...] [--out DIR]
 
 Each variant runs in a process of its own (vLLM loads plugins at process start): ``vllm`` without any plugin
 (VLLM_PLUGINS names none), ``ours`` as the replica runs, ``ours-vllm-grid`` with the tight grid off, ``ours-fold``
-and ``ours-no-fold`` with one-adapter steps folded into the base GEMMs (lora_fold.py; on by default on CUDA) or not.
-Prints a table and writes mixed_check.json (``folded``: whether a variant's engine took the fold path); exits 1 if
+and ``ours-no-fold`` with one-adapter steps folded into the base GEMMs (lora_fold.py; on by default on CUDA) or not,
+``ours-fold-one`` without the several-adapter fold (lora_fold_multi.py), ``ours-fold-eager`` without CUDA graphs
+(on a GPU, the several-adapter fold serves only steps without one: here, all of them).
+Prints a table and writes mixed_check.json (``folded``, ``folded_several``: whether a variant's engine took the
+one-adapter and the several-adapter fold path); exits 1 if
 a variant of ours gives any request other tokens than alone, except where the alone run's two best tokens were
 tied (``TIE_NATS``; the table shows the logprob gap where a mixed request parts from itself alone).
 """
@@ -42,6 +45,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "ours-vllm-grid": {"LORAFLEET_INFERENCE_LORA_TIGHT_GRID": "false"},
     "ours-fold": {"LORAFLEET_INFERENCE_LORA_FOLD": "true"},  # the default on CUDA; on the CPU build: asked for
     "ours-no-fold": {"LORAFLEET_INFERENCE_LORA_FOLD": "false"},
+    # several adapters folded too (lora_fold_multi.py): on a GPU only in steps without a CUDA graph, so all of them
+    "ours-fold-eager": {"LORAFLEET_INFERENCE_LORA_FOLD": "true", "LORAFLEET_INFERENCE_ENFORCE_EAGER": "true"},
+    "ours-fold-one": {"LORAFLEET_INFERENCE_LORA_FOLD": "true", "LORAFLEET_INFERENCE_LORA_FOLD_RANK_BUDGET": "0"},
 }
 PROMPTS = {  # token ids of ordinary words: any fixed ids will do for a model of dummy weights
     "p1": [785, 3974, 13876, 38835, 34208, 916, 279, 15678, 5562, 13],
@@ -188,9 +194,13 @@ def run_variant(name: str, work: Path, model_dir: Path, adapters: dict[str, str]
     (work / f"{name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr[-2000:]}"}
-    from lorafleet_inference.lora_fold import FIRST_FOLD_MESSAGE
+    from lorafleet_inference.lora_fold import FIRST_FOLD_MESSAGE, MULTI_FOLD_MESSAGE
 
-    result = json.loads(out.read_text()) | {"folded": FIRST_FOLD_MESSAGE in done.stdout + done.stderr}
+    logs = done.stdout + done.stderr
+    result = json.loads(out.read_text()) | {
+        "folded": FIRST_FOLD_MESSAGE in logs,
+        "folded_several": MULTI_FOLD_MESSAGE in logs,
+    }
     return result | judge(result) | {"wall_s": round(time.monotonic() - started, 1)}
 
 

@@ -40,13 +40,14 @@ def test_inference_bench_quick(tmp_path: Path) -> None:
 def test_lora_mixed_check_runs_the_replicas_engine_with_adapters_beside_base_model_requests(tmp_path: Path) -> None:
     """bench/lora_mixed_check.py on the CPU build (no CUDA graphs there: what it checks on a GPU is in
     docs/benchmarks.md): every request of a mix gives the tokens it gave alone, and the adapters change them; with
-    one-adapter steps folded into the base GEMMs (lora_fold.py, asked for: off by default on CPU) too."""
+    one-adapter steps folded into the base GEMMs (lora_fold.py, asked for: off by default on CPU) too, with and
+    without the steps of two adapters folded (lora_fold_multi.py)."""
     result = subprocess.run(
         [
             sys.executable,
             str(REPO / "bench" / "lora_mixed_check.py"),
             "--variants",
-            "ours,ours-fold",
+            "ours,ours-fold,ours-fold-one",
             "--out",
             str(tmp_path),
         ],
@@ -57,9 +58,9 @@ def test_lora_mixed_check_runs_the_replicas_engine_with_adapters_beside_base_mod
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "mixed_check.json").read_text())
-    for name, folded in (("ours", False), ("ours-fold", True)):
+    for name, folded, several in (("ours", False, False), ("ours-fold", True, True), ("ours-fold-one", True, False)):
         variant = results[name]
-        assert variant["folded"] is folded, name
+        assert variant["folded"] is folded and variant["folded_several"] is several, name
         assert variant["right_up_to_ties"] and variant["adapters_change_output"], name
         assert len(variant["rows"]) == 8
         base_rows = [row for row in variant["rows"] if row["request"].endswith("@base")]

@@ -134,8 +134,8 @@ def test_a_slot_rewritten_by_vllm_is_folded_again_at_once() -> None:
 def test_the_replica_asks_vllms_processes_for_the_fold_on_cuda_by_default() -> None:
     environ: dict[str, str] = {}
     use_lora_fold(InferenceSettings(), environ, cuda=True)
-    assert environ == {lora_fold.ENV: "1"}
+    assert environ == {lora_fold.ENV: "1", lora_fold.MULTI_ENV: "256"}
     use_lora_fold(InferenceSettings(), environ, cuda=False)
-    assert environ == {lora_fold.ENV: "0"}
-    use_lora_fold(InferenceSettings(lora_fold=True), environ, cuda=False)
-    assert environ == {lora_fold.ENV: "1"}
+    assert environ == {lora_fold.ENV: "0", lora_fold.MULTI_ENV: "0"}
+    use_lora_fold(InferenceSettings(lora_fold=True, lora_fold_rank_budget=64), environ, cuda=False)
+    assert environ == {lora_fold.ENV: "1", lora_fold.MULTI_ENV: "64"}

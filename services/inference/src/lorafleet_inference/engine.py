@@ -147,10 +147,12 @@ def use_tight_lora_grid(settings: InferenceSettings, environ: MutableMapping[str
 
 
 def use_lora_fold(settings: InferenceSettings, environ: MutableMapping[str, str] = os.environ, *, cuda: bool) -> None:
-    """Ask vLLM's processes (our plugin in them) to fold one-adapter steps into the base GEMMs, or not; the
-    default is on with CUDA, where the plugin also requires specialize_active_lora."""
+    """Ask vLLM's processes (our plugin in them) to fold one-adapter steps into the base GEMMs, and steps of
+    several adapters up to a rank budget, or not; the default is on with CUDA, where the plugin also requires
+    specialize_active_lora."""
     wanted = settings.lora_fold if settings.lora_fold is not None else cuda
     environ[lora_fold.ENV] = "1" if wanted else "0"
+    environ[lora_fold.MULTI_ENV] = str(settings.lora_fold_rank_budget if wanted else 0)
 
 
 def scheduler_stats_logger(metrics: InferenceMetrics) -> Any:

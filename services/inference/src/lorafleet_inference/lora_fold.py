@@ -38,11 +38,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafleet_inference.lora_fold_multi import ENV as MULTI_ENV
+from lorafleet_inference.lora_fold_multi import MultiFold, multi_folded_linear
+
 ENV = "LORAFLEET_LORA_FOLD"
 OP_NAME = "lorafleet_folded_lora_linear"
 LAYER_ATTR = "_lorafleet_fold"
 CONTROLLER_ATTR = "_lorafleet_fold_controller"
 FIRST_FOLD_MESSAGE = "lorafleet: first step with LoRA folded into the base GEMMs"
+MULTI_FOLD_MESSAGE = "lorafleet: first step with several adapters folded into the base GEMMs"
 # The spare columns keep the folded K, and so the row stride of the base weights' view, a multiple of 8 elements
 # (16 bytes, which cuBLAS's fast kernels want). H100, Qwen2.5-7B, timed interleaved: K padded to 64, or the weights
 # stored input-major, measured the same within the GPU's clock drift (docs/benchmarks.md, "One adapter folded").
@@ -78,6 +82,8 @@ class LayerFold:
     input_size: int
     rank: int
     slices: tuple[tuple[int, int], ...]  # (first output row, rows) per slice
+    multi_start: int = 0  # the first column of the several-adapter region (lora_fold_multi.py), after this one's
+    a_multi: Any = None  # that region's A rows; None: no region
 
     def load_slot(self, layer: Any, slot: int) -> None:
         for index, (start, rows) in enumerate(self.slices):
@@ -98,12 +104,15 @@ class FoldController:
     mask_state: str = ""  # "ones", "zeros" or "rows": what ``mask`` holds now
     slot: int | None = None  # the adapter slot whose weights the folded layers hold
     active: bool = False  # this step has exactly one adapter: the fold path applies
+    multi: MultiFold | None = None  # steps of several adapters without a CUDA graph (lora_fold_multi.py)
 
     def attach(self, layer: Any) -> None:
         import torch
 
         fold: LayerFold = getattr(layer, LAYER_ATTR)
         self.layers[fold.name] = layer
+        if self.multi is not None and fold.a_multi is not None:
+            self.multi.layers.append(layer)
         dtype, device = fold.w_full.dtype, fold.w_full.device
         if self.mask is None:
             self.mask = torch.zeros(self.max_tokens, 1, dtype=dtype, device=device)
@@ -125,6 +134,8 @@ class FoldController:
         fold = getattr(layer, LAYER_ATTR, None)
         if self.slot == slot and fold is not None:
             fold.load_slot(layer, slot)
+        if self.multi is not None:
+            self.multi.mark(slot)
 
     def prepare(self, prompt_mapping: Any, lora_index_to_id: list[int | None], token_slots: Any) -> None:
         """Decide this step's path and make the folded weights and mask right for it (host side, before the
@@ -132,6 +143,10 @@ class FoldController:
         ids = set(prompt_mapping)
         adapters = [lora_id for lora_id in ids if lora_id > 0]
         self.active = len(adapters) == 1 and adapters[0] in lora_index_to_id
+        if self.multi is not None:
+            several = len(adapters) > 1 and all(lora_id in lora_index_to_id for lora_id in adapters)
+            slots = tuple(sorted(lora_index_to_id.index(lora_id) for lora_id in adapters)) if several else ()
+            self.multi.begin_step(slots, token_slots)
         if not self.active:
             self._fill_mask("zeros")
             return
@@ -212,20 +227,25 @@ def folded_weight_storage(rows: int, columns: int, dtype: Any, device: Any, layo
     return torch.zeros(columns, rows, dtype=dtype, device=device).t()
 
 
-def make_fold(layer: Any, name: str) -> LayerFold:
+def make_fold(layer: Any, name: str, rank_budget: int = 0) -> LayerFold:
+    """The layer's folded weights: one adapter's columns (graph-safe), then ``slices × rank_budget`` columns for
+    several adapters' (lora_fold_multi.py; none with a budget of 0)."""
     import torch
 
     weight = base_weight(layer)
     rows, input_size = weight.shape
     rank = layer.lora_a_stacked[0].shape[2]
     extra = spare_columns(input_size, rank * layer.n_slices)
-    w_full = folded_weight_storage(rows, input_size + extra, weight.dtype, weight.device)
+    multi = layer.n_slices * rank_budget
+    w_full = folded_weight_storage(rows, input_size + extra + multi, weight.dtype, weight.device)
     w_full[:, :input_size].copy_(weight)
     if weight.device.type == "cuda":  # one copy of the weights: the base GEMM reads the view with its row stride
         layer.base_layer.weight.data = w_full[:, :input_size]
     starts = [sum(layer.output_slices[:i]) for i in range(layer.n_slices)]
     a_folded = torch.zeros(extra, input_size, dtype=weight.dtype, device=weight.device)
-    return LayerFold(name, w_full, a_folded, input_size, rank, tuple(zip(starts, layer.output_slices, strict=True)))
+    a_multi = torch.zeros(multi, input_size, dtype=weight.dtype, device=weight.device) if multi else None
+    slices = tuple(zip(starts, layer.output_slices, strict=True))
+    return LayerFold(name, w_full, a_folded, input_size, rank, slices, input_size + extra, a_multi)
 
 
 def install() -> bool:
@@ -242,20 +262,21 @@ def install() -> bool:
         return False
     layers: dict[str, Any] = {}  # op name -> layer, for the op (it gets the name, as vLLM's own layer ops do)
     original_apply = MergedColumnParallelLinearWithLoRA.apply
-    told = [False]
+    told: set[str] = set()
+
+    def tell(message: str) -> None:
+        if message not in told:
+            told.add(message)
+            print(f"{message} (process {os.getpid()})", file=sys.stderr, flush=True)
 
     def run(x: Any, bias: Any, layer_name: str, output_size: int) -> Any:
         layer = layers[layer_name]
         controller: FoldController = getattr(layer.punica_wrapper, CONTROLLER_ATTR)
-        if not controller.active:
+        out, message = apply_fold(controller, getattr(layer, LAYER_ATTR), x, bias)
+        if out is None:
             return original_apply(layer, x, bias)
-        if not told[0]:
-            told[0] = True
-            print(f"{FIRST_FOLD_MESSAGE} (process {os.getpid()})", file=sys.stderr, flush=True)
-        fold: LayerFold = getattr(layer, LAYER_ATTR)
-        return folded_linear(
-            x, bias, fold.w_full, fold.a_folded, controller.mask, controller.buffer_for(fold), fold.input_size
-        )
+        tell(message)
+        return out
 
     def run_fake(x: Any, bias: Any, layer_name: str, output_size: int) -> Any:
         return x.new_empty((x.shape[0], output_size))
@@ -283,11 +304,13 @@ def install() -> bool:
         original_set_mapping(self, punica_wrapper)
         if getattr(self, LAYER_ATTR, None) is None and _wanted(self) and eligible(self):
             name = f"{self.base_layer.prefix or id(self)}.{OP_NAME}"
-            setattr(self, LAYER_ATTR, make_fold(self, name))
+            budget = rank_budget()
+            setattr(self, LAYER_ATTR, make_fold(self, name, budget))
             layers[name] = self
             controller = getattr(punica_wrapper, CONTROLLER_ATTR, None)
             if controller is None:
                 controller = FoldController(max_tokens=punica_wrapper._token_lora_indices.shape[0])
+                controller.multi = MultiFold(budget) if budget else None
                 setattr(punica_wrapper, CONTROLLER_ATTR, controller)
             controller.attach(self)
 
@@ -302,6 +325,40 @@ def install() -> bool:
     punica_class.update_metadata = _preparing(punica_class.update_metadata)
     setattr(MergedColumnParallelLinearWithLoRA, LAYER_ATTR + "_installed", True)
     return True
+
+
+def apply_fold(controller: FoldController, fold: LayerFold, x: Any, bias: Any) -> tuple[Any, str]:
+    """The projection's output by the fold this step takes, and the message that names it; None: vLLM's path."""
+    buffer = controller.buffer_for(fold)
+    if controller.active:
+        weights = fold.w_full if fold.a_multi is None else fold.w_full[:, : fold.multi_start]
+        out = folded_linear(x, bias, weights, fold.a_folded, controller.mask, buffer, fold.input_size)
+        return out, FIRST_FOLD_MESSAGE
+    mask = multi_mask(controller, fold, x)
+    if mask is None:
+        return None, ""
+    out = multi_folded_linear(x, bias, fold.w_full, fold.a_multi, mask, buffer, fold.input_size, fold.multi_start)
+    return out, MULTI_FOLD_MESSAGE
+
+
+def rank_budget() -> int:
+    """Rank units of the several-adapter region (lora_fold_multi.py), from the replica's environment."""
+    try:
+        return max(0, int(os.environ.get(MULTI_ENV, "0")))
+    except ValueError:
+        return 0
+
+
+def multi_mask(controller: FoldController, fold: LayerFold, x: Any) -> Any:
+    """This step's mask for the several-adapter fold, or None: not such a step, no region, a slot without
+    columns, or a CUDA graph being captured (its replays would keep this step's width)."""
+    import torch
+
+    if controller.multi is None or fold.a_multi is None:
+        return None
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return controller.multi.for_step(fold, x.shape[0])
 
 
 def _punica_class() -> Any:
