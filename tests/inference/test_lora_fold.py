@@ -133,8 +133,8 @@ def test_a_slot_rewritten_by_vllm_is_folded_again_at_once() -> None:
 
 def test_the_replica_asks_vllms_processes_for_the_fold_on_cuda_by_default() -> None:
     environ: dict[str, str] = {}
-    use_lora_fold(InferenceSettings(), environ, cuda=True)
-    assert environ == {lora_fold.ENV: "1", lora_fold.MULTI_ENV: "256"}
+    use_lora_fold(InferenceSettings(max_loras=32, max_cpu_loras=40), environ, cuda=True)
+    assert environ == {lora_fold.ENV: "1", lora_fold.MULTI_ENV: "256"}  # a rank-8 adapter in every slot
     use_lora_fold(InferenceSettings(), environ, cuda=False)
     assert environ == {lora_fold.ENV: "0", lora_fold.MULTI_ENV: "0"}
     use_lora_fold(InferenceSettings(lora_fold=True, lora_fold_rank_budget=64), environ, cuda=False)

@@ -152,7 +152,8 @@ def use_lora_fold(settings: InferenceSettings, environ: MutableMapping[str, str]
     specialize_active_lora."""
     wanted = settings.lora_fold if settings.lora_fold is not None else cuda
     environ[lora_fold.ENV] = "1" if wanted else "0"
-    environ[lora_fold.MULTI_ENV] = str(settings.lora_fold_rank_budget if wanted else 0)
+    budget = settings.lora_fold_rank_budget if settings.lora_fold_rank_budget is not None else 8 * settings.max_loras
+    environ[lora_fold.MULTI_ENV] = str(budget if wanted else 0)
 
 
 def scheduler_stats_logger(metrics: InferenceMetrics) -> Any:

@@ -71,14 +71,15 @@ class InferenceSettings(CommonSettings):
         "(off without it); costs slices x max_lora_rank extra weight columns per projection and one input buffer "
         "of max_num_batched_tokens rows. None = on with CUDA, off on CPU.",
     )
-    lora_fold_rank_budget: int = Field(
-        default=256,
+    lora_fold_rank_budget: int | None = Field(
+        default=None,
         ge=0,
         description="With lora_fold on: steps of several adapters that run without a CUDA graph (prefill chunks "
-        "past the largest captured size) fold their adapters into the same GEMMs too, each loaded slot in columns "
-        "as many as its rank per slice (lora_fold_multi.py), up to this many rank units in all (256 = 32 rank-8 "
-        "adapters); slots past it keep vLLM's kernels. Costs slices x this budget extra weight columns per qkv "
-        "and gate_up projection (Qwen2.5-7B at 256: 1.4 GiB). 0 = one adapter only.",
+        "past the largest captured size) fold their adapters into the same GEMMs too, each loaded slot in as many "
+        "columns per slice as its rank (lora_fold_multi.py), up to this many rank units in all; slots past it keep "
+        "vLLM's kernels. Costs slices x this budget extra weight columns per qkv and gate_up projection (Qwen2.5-7B: "
+        "5.7 MiB per rank unit, 1.4 GiB at 256). None = 8 x max_loras (a rank-8 adapter in every slot); 0 = one "
+        "adapter only.",
     )
     gpu_memory_utilization: float | None = Field(
         default=None,
