@@ -53,8 +53,8 @@ def model(ranks: dict[int, int], budget: int = 64) -> tuple[lora_fold.FoldContro
     for layer in layers:
         controller.attach(layer)
         layer.punica_wrapper = SimpleNamespace(**{lora_fold.CONTROLLER_ATTR: controller})
-        for slot in ranks:  # as vLLM's set_lora marks them, through lora_fold's wrapper
-            controller.refresh(layer, slot)
+        for slot, rank in ranks.items():  # as lora_fold's wrapper of vLLM's set_lora marks them
+            controller.refresh(layer, slot, rank)
     return controller, layers
 
 
@@ -78,6 +78,21 @@ def run(controller: lora_fold.FoldController, layer: SimpleNamespace, x: torch.T
 
 
 LORA_IDS: list[int | None] = [11, 12, 13, 14]  # vLLM's lora_index_to_id: slot -> adapter id
+
+
+def set_lora(self: SimpleNamespace, index: int, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor] | None) -> None:
+    """What vLLM's set_lora does to the stacked weights (B left as it was where none is given)."""
+    for i, (a, b) in enumerate(zip(self.lora_a_stacked, self.lora_b_stacked, strict=True)):
+        a[index].zero_()
+        a[index, 0, : lora_a[i].shape[0]] = lora_a[i]
+        if lora_b is not None:
+            b[index].zero_()
+            b[index, 0, :, : lora_b[i].shape[1]] = lora_b[i]
+
+
+def reset_lora(self: SimpleNamespace, index: int) -> None:
+    for stacked in (*self.lora_a_stacked, *self.lora_b_stacked):
+        stacked[index].zero_()
 
 
 def test_each_row_gets_its_own_adapter_and_base_model_rows_none() -> None:
@@ -152,15 +167,9 @@ def test_a_rewritten_slot_is_read_again_and_the_slots_after_it_move() -> None:
     run(controller, layers[0], x)
     assert controller.multi is not None and controller.multi.plan[2] == (8, 4)
 
-    def set_lora(self: SimpleNamespace, index: int) -> None:  # a rank-2 adapter replaces slot 0's
-        for a, b in zip(self.lora_a_stacked, self.lora_b_stacked, strict=True):
-            a[index].zero_()
-            b[index].zero_()
-            a[index, 0, :2].normal_()
-            b[index, 0, :, :2].normal_()
-
-    for layer in layers:
-        lora_fold._refreshing(set_lora)(layer, 0)
+    for layer in layers:  # a rank-2 adapter replaces slot 0's
+        new_a = [torch.randn(2, K) for _ in layer.widths]
+        lora_fold._refreshing(set_lora)(layer, 0, new_a, [torch.randn(rows, 2) for rows in layer.widths])
     controller.prepare((11, 12, 13), LORA_IDS, torch.tensor(token_slots))
     for layer in layers:
         torch.testing.assert_close(run(controller, layer, x), reference(layer, x, token_slots), rtol=1e-5, atol=1e-4)
@@ -170,12 +179,38 @@ def test_a_rewritten_slot_is_read_again_and_the_slots_after_it_move() -> None:
 def test_a_slot_vllm_empties_gives_up_its_columns() -> None:
     controller, layers = model({0: 4, 1: 4, 2: 4})
     for layer in layers:
-        lora_fold._refreshing(lambda self, index: [t[index].zero_() for t in self.lora_a_stacked])(layer, 1)
+        lora_fold._refreshing(reset_lora)(layer, 1)
     token_slots = [2, 0]
     controller.prepare((11, 13), LORA_IDS, torch.tensor(token_slots))
     x = torch.randn(2, K)
     torch.testing.assert_close(run(controller, layers[1], x), reference(layers[1], x, token_slots))
     assert controller.multi is not None and controller.multi.plan == {0: (0, 4), 2: (4, 4)}
+
+
+def test_only_the_steps_slots_are_copied_and_a_rewrite_is_copied_once() -> None:
+    """Adapters that swap through slots between two folded steps cost no copies; a slot is copied when a step
+    that folds it comes, once."""
+    controller, layers = model({0: 4, 1: 4, 2: 4, 3: 4})
+    assert controller.multi is not None
+    controller.prepare((11, 12), LORA_IDS, torch.tensor([0, 1]))
+    run(controller, layers[0], torch.randn(2, K))
+    assert controller.multi.copies == 2 and controller.multi.stale == {2, 3}
+    for _ in range(3):  # slot 2 rewritten three times (no step folds it meanwhile)
+        for layer in layers:
+            lora_fold._refreshing(set_lora)(layer, 2, [torch.randn(4, K)] * len(layer.widths), None)
+    controller.prepare((11, 13), LORA_IDS, torch.tensor([2, 0]))
+    x = torch.randn(2, K)
+    for layer in layers:
+        torch.testing.assert_close(run(controller, layer, x), reference(layer, x, [2, 0]), rtol=1e-5, atol=1e-4)
+    assert controller.multi.copies == 3  # slot 2 once; slot 0 was up to date
+
+
+def test_the_rank_written_comes_from_the_tensors_vllm_passes() -> None:
+    assert lora_fold.written_rank("set_lora", (torch.zeros(8, K), torch.zeros(30, 8)), {}) == 8
+    assert lora_fold.written_rank("set_lora", ([torch.zeros(8, K), None, torch.zeros(16, K)], []), {}) == 16
+    assert lora_fold.written_rank("set_lora", (), {"lora_a": [torch.zeros(4, K)]}) == 4
+    assert lora_fold.written_rank("reset_lora", (), {}) == 0
+    assert lora_fold.written_rank("set_lora", (), {}) is None  # unknown: the slot's full rank is assumed
 
 
 def test_the_plan_skips_what_does_not_fit_and_keeps_slot_order() -> None:

@@ -126,16 +126,19 @@ class FoldController:
     def buffer_for(self, fold: LayerFold) -> Any:
         return self.buffers[(fold.w_full.dtype, fold.w_full.device)]
 
-    def refresh(self, layer: Any, slot: int) -> None:
-        """vLLM rewrote ``slot`` of ``layer`` (``set_lora``, ``reset_lora``): if the folded weights hold that slot,
-        copy it again. At once, not at the next ``prepare``: vLLM skips ``update_metadata`` when neither the
-        mapping nor the slot layout changed (a warm-up adapter's id and slot reused by a real adapter), and a CUDA
-        graph captured on the fold path reads the folded weights whatever the host decides."""
+    def refresh(self, layer: Any, slot: int, rank: int | None = None) -> None:
+        """vLLM rewrote ``slot`` of ``layer`` (``set_lora``, ``reset_lora``) with an adapter of ``rank`` (0: none;
+        None: unknown, the slot's full rank): if the folded weights hold that slot, copy it again. At once, not at
+        the next ``prepare``: vLLM skips ``update_metadata`` when neither the mapping nor the slot layout changed (a
+        warm-up adapter's id and slot reused by a real adapter), and a CUDA graph captured on the fold path reads
+        the folded weights whatever the host decides. The several-adapter region copies it when a step needs it."""
         fold = getattr(layer, LAYER_ATTR, None)
-        if self.slot == slot and fold is not None:
+        if fold is None:
+            return
+        if self.slot == slot:
             fold.load_slot(layer, slot)
-        if self.multi is not None:
-            self.multi.mark(slot)
+        if self.multi is not None and fold.a_multi is not None:
+            self.multi.mark(slot, fold.name, fold.rank if rank is None else rank)
 
     def prepare(self, prompt_mapping: Any, lora_index_to_id: list[int | None], token_slots: Any) -> None:
         """Decide this step's path and make the folded weights and mask right for it (host side, before the
@@ -382,12 +385,23 @@ def _wanted(layer: Any) -> bool:
     return not current_platform.is_cuda() or bool(getattr(layer.lora_config, "specialize_active_lora", False))
 
 
+def written_rank(method_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The rank of what vLLM's ``set_lora(index, lora_a, lora_b)`` writes (its A is ``(rank, inputs)``, one per
+    slice or one for all), from the tensors' shapes: no read from the device. 0 for ``reset_lora``."""
+    if method_name == "reset_lora":
+        return 0
+    lora_a = args[0] if args else kwargs.get("lora_a")
+    tensors: list[Any] = list(lora_a) if isinstance(lora_a, (list, tuple)) else [lora_a]
+    ranks = [int(shape[0]) for shape in (getattr(tensor, "shape", None) for tensor in tensors) if shape is not None]
+    return max(ranks) if ranks else None
+
+
 def _refreshing(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
         result = method(self, index, *args, **kwargs)
         controller = getattr(getattr(self, "punica_wrapper", None), CONTROLLER_ATTR, None)
         if controller is not None:
-            controller.refresh(self, index)
+            controller.refresh(self, index, written_rank(method.__name__, args, kwargs))
         return result
 
     wrapper.__name__ = method.__name__

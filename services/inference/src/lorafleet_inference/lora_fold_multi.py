@@ -16,10 +16,12 @@ Why only steps without a CUDA graph (prefill chunks larger than the largest capt
 folded GEMM follows the step's adapters, and a graph replays the width it was captured with. Decode steps keep
 what their graph holds (the one-adapter fold, or vLLM's kernels over per-adapter chunks, lora_grid.py).
 
-Slots get columns in slot order, each as wide as its rank (the last non-zero row of its A over the folded layers,
-so a rank-8 adapter in a rank-16 slot costs 8 columns per slice). vLLM writes a slot with ``set_lora``; the slot is
-then marked, and the next step that needs the region reads its rank and copies it (and any slot whose columns
-moved) into every folded layer. A step uses the columns up to its last slot's.
+Slots get columns in slot order, each as wide as its adapter's rank (so a rank-8 adapter in a rank-16 slot costs 8
+columns per slice). vLLM writes a slot with ``set_lora``; lora_fold's wrapper marks it with the rank of what was
+written (from the tensors' shapes, no read from the device), and the next step that folds that slot copies it
+into every folded layer first (a few launches per slice for all such slots). Slots that come and go between those
+steps (adapters swapping through the slots, served by CUDA-graph decode steps) are never copied. A step uses the
+columns up to its last slot's.
 """
 
 from __future__ import annotations
@@ -65,52 +67,53 @@ def plan_columns(ranks: dict[int, int], budget: int) -> dict[int, tuple[int, int
     return plan
 
 
-def load_multi_slot(fold: Any, layer: Any, slot: int, offset: int, rank: int) -> None:
-    """Copy ``slot``'s first ``rank`` columns of B (rows of A) into the layer's region at ``offset`` (rank units;
-    a projection with n slices gives each slot n × rank columns, slice after slice, block-diagonal: slice i's
-    columns are zero outside slice i's rows)."""
-    n = len(fold.slices)
-    block = slice(fold.multi_start + n * offset, fold.multi_start + n * (offset + rank))
-    fold.w_full[:, block].zero_()  # each slice's B fills its own rows: the others' rows may hold a moved slot's
-    for index, (first_row, rows) in enumerate(fold.slices):
-        column = n * offset + index * rank
-        b = layer.lora_b_stacked[index][slot, 0]
-        fold.w_full[first_row : first_row + rows, fold.multi_start + column : fold.multi_start + column + rank].copy_(
-            b[:, :rank]
-        )
-        fold.a_multi[column : column + rank].copy_(layer.lora_a_stacked[index][slot, 0][:rank])
-
-
-def slot_ranks(layers: list[Any], slots: list[int]) -> dict[int, int]:
-    """Each slot's rank over the folded layers: one past its A's last row that is not all zero (0: empty). One
-    device read for all of them."""
+def load_multi_slots(fold: Any, layer: Any, placements: list[tuple[int, int]], rank: int) -> None:
+    """Copy the slots' first ``rank`` columns of B (rows of A) into the layer's region, each at its offset (rank
+    units; a projection with n slices gives each slot n × rank columns, slice after slice, block-diagonal: slice
+    i's columns are zero outside slice i's rows). A few launches per slice for all the slots together."""
     import torch
 
-    rows = [a[slots, 0].ne(0).any(dim=2) for layer in layers for a in layer.lora_a_stacked]  # (slots, max rank)
-    used = torch.stack(rows).any(dim=0)
-    positions = torch.arange(1, used.shape[1] + 1, device=used.device)
-    return dict(zip(slots, (used * positions).amax(dim=1).tolist(), strict=True))
+    n, device = len(fold.slices), fold.w_full.device
+    slots = [slot for slot, _ in placements]
+    first_columns = torch.tensor([n * offset for _, offset in placements], device=device).unsqueeze(1)
+    within = torch.arange(rank, device=device).unsqueeze(0)
+    block = (first_columns + torch.arange(n * rank, device=device).unsqueeze(0)).reshape(-1)
+    fold.w_full.index_fill_(1, fold.multi_start + block, 0)  # a moved slot's old B may lie in other slices' rows
+    for index, (first_row, rows) in enumerate(fold.slices):
+        columns = (first_columns + index * rank + within).reshape(-1)
+        b = layer.lora_b_stacked[index][slots, 0, :, :rank]  # (slots, rows, rank)
+        fold.w_full[first_row : first_row + rows].index_copy_(
+            1, fold.multi_start + columns, b.permute(1, 0, 2).reshape(rows, -1)
+        )
+        a = layer.lora_a_stacked[index][slots, 0, :rank]  # (slots, rank, inputs)
+        fold.a_multi.index_copy_(0, columns, a.reshape(-1, a.shape[-1]))
 
 
 @dataclass
 class MultiFold:
-    """The multi-adapter region of one model's folded layers: which slot has which columns, which slots vLLM
-    rewrote since, and this step's adapters and masks."""
+    """The several-adapter region of one model's folded layers: which slot has which columns, which slots' columns
+    are out of date, and this step's adapters and masks."""
 
     budget: int  # rank units: a projection with n slices has n × budget columns for the slots
     layers: list[Any] = field(default_factory=list)  # the vLLM LoRA layers (their fold in lora_fold.LAYER_ATTR)
     plan: dict[int, tuple[int, int]] = field(default_factory=dict)
-    ranks: dict[int, int] = field(default_factory=dict)
-    dirty: set[int] = field(default_factory=set)
+    layer_ranks: dict[int, dict[str, int]] = field(default_factory=dict)  # slot -> folded layer -> rank written
+    replan: bool = False  # a slot's rank changed since the plan
+    stale: set[int] = field(default_factory=set)  # slots whose columns do not hold their weights
     column_slots: dict[int, Any] = field(default_factory=dict)  # slices -> (slices × budget,) slot per column
     step_slots: tuple[int, ...] = ()  # this step's adapter slots (two or more), or none
     token_slots: Any = None
     step_end: int | None = None  # rank units up to the step's last slot's end; None: not looked at yet
     masks: dict[int, Any] = field(default_factory=dict)
-    relayouts: int = 0
+    copies: int = 0  # slots copied into the region, for the tests' and benchmarks' eyes
 
-    def mark(self, slot: int) -> None:
-        self.dirty.add(slot)
+    def mark(self, slot: int, layer_name: str, rank: int) -> None:
+        """vLLM wrote an adapter of ``rank`` (0: emptied) into ``slot`` of one folded layer."""
+        ranks = self.layer_ranks.setdefault(slot, {})
+        before = max(ranks.values(), default=0)
+        ranks[layer_name] = rank
+        self.replan |= max(ranks.values()) != before
+        self.stale.add(slot)
 
     def begin_step(self, slots: tuple[int, ...], token_slots: Any) -> None:
         self.step_slots, self.token_slots, self.step_end = slots, token_slots, None
@@ -131,10 +134,15 @@ class MultiFold:
         return mask
 
     def _step_end(self) -> int:
-        if self.dirty:
-            self._relayout()
+        """Plan again if a rank changed, copy the step's slots whose columns are out of date (only those: under
+        churn most slots come and go in CUDA-graph steps that never read the region), and return the step's end."""
+        if self.replan:
+            self._plan()
         if any(slot not in self.plan for slot in self.step_slots):
             return 0
+        stale = [slot for slot in self.step_slots if slot in self.stale]
+        if stale:
+            self._copy(stale)
         return max(self.plan[slot][0] + self.plan[slot][1] for slot in self.step_slots)
 
     def _mask(self, n: int, rows: int, dtype: Any) -> Any:
@@ -147,26 +155,34 @@ class MultiFold:
         columns = self.column_slots[n][: n * self.step_end]
         return tokens.unsqueeze(1).eq(columns.unsqueeze(0)).to(dtype)
 
-    def _relayout(self) -> None:
-        """Read the rewritten slots' ranks, plan the columns again, and copy every slot that is new, rewritten or
-        moved into every folded layer."""
+    def _plan(self) -> None:
         import torch
 
         from lorafleet_inference.lora_fold import LAYER_ATTR
 
-        dirty = sorted(self.dirty)
-        self.dirty.clear()
-        self.ranks |= slot_ranks(self.layers, dirty)
-        plan = plan_columns(self.ranks, self.budget)
-        for slot, (offset, rank) in plan.items():
-            if slot in dirty or self.plan.get(slot) != (offset, rank):
-                for layer in self.layers:
-                    load_multi_slot(getattr(layer, LAYER_ATTR), layer, slot, offset, rank)
+        self.replan = False
+        ranks = {slot: max(per_layer.values(), default=0) for slot, per_layer in self.layer_ranks.items()}
+        plan = plan_columns(ranks, self.budget)
+        self.stale |= {slot for slot, place in plan.items() if self.plan.get(slot) != place}
+        if plan == self.plan and self.column_slots:
+            return
         self.plan = plan
-        self.relayouts += 1
         device = getattr(self.layers[0], LAYER_ATTR).w_full.device
         for n in {len(getattr(layer, LAYER_ATTR).slices) for layer in self.layers}:
             columns = torch.full((n * self.budget,), NO_SLOT, dtype=torch.long, device=device)
             for slot, (offset, rank) in plan.items():
                 columns[n * offset : n * (offset + rank)] = slot
             self.column_slots[n] = columns
+
+    def _copy(self, slots: list[int]) -> None:
+        from lorafleet_inference.lora_fold import LAYER_ATTR
+
+        by_rank: dict[int, list[tuple[int, int]]] = {}
+        for slot in slots:
+            offset, rank = self.plan[slot]
+            by_rank.setdefault(rank, []).append((slot, offset))
+        for rank, placements in by_rank.items():
+            for layer in self.layers:
+                load_multi_slots(getattr(layer, LAYER_ATTR), layer, placements, rank)
+        self.stale -= set(slots)
+        self.copies += len(slots)
