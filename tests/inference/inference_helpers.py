@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,22 @@ from lorafleet_common.adapters import AdapterMetadata, publish_adapter, sha256_f
 from lorafleet_common.settings import EMBEDDED_BASE_MODEL
 from lorafleet_common.store import LocalStore
 from lorafleet_inference.settings import InferenceSettings
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench_module(path: str) -> ModuleType:
+    """A script under bench/ (``path`` relative to it) as a module, with bench/ on sys.path as when it runs there
+    (its imports are its siblings); registered in sys.modules, where dataclasses look their module up."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    name = "bench_" + path.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, BENCH / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_replica_settings(home: Path, **overrides: Any) -> InferenceSettings:

@@ -6,12 +6,12 @@ and slots that vLLM rewrites. The path through vLLM's engine (CPU build) is in t
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 
 from lorafleet_inference import lora_fold, lora_fold_multi
+from tests.inference.inference_helpers import load_bench_module
 
 K, MAX_RANK, SLOTS = 24, 4, 4
 QKV, GATE_UP = (10, 6, 6), (12, 12)
@@ -221,23 +221,8 @@ def test_the_plan_skips_what_does_not_fit_and_keeps_slot_order() -> None:
 def test_the_benchmarks_fold_case_computes_what_it_times() -> None:
     """bench/lora_fold_multi.py times the fold on its own weights and mask: they must be a real several-adapter
     step (its reference is per adapter, on each adapter's rows), or the benchmark would time the wrong work."""
-    bench = load_bench_module("lora_fold_multi")
+    bench = load_bench_module("lora_fold_multi.py")
     case = bench.FoldGemm((40, 8, 8), 32, 24, 3, 4, 1, "multi", "cpu")
     assert case.relative_error() < 2e-2  # bf16 GEMMs against an fp32 reference
     case.a[0][:4] += 1.0  # the first adapter's first slice: a wrong A must show
     assert case.launch(0).float().sub(bench.FoldGemm((40, 8, 8), 32, 24, 3, 4, 1, "multi", "cpu").launch(0)).any()
-
-
-def load_bench_module(name: str) -> Any:
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -4,33 +4,21 @@ replica hands vLLM the folder the settings name; the tuner keeps the default unl
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from lorafleet_inference.engine import PACKAGED_LORA_KERNEL_CONFIGS, TUNED_CONFIG_ENV, use_lora_kernel_configs
 from lorafleet_inference.settings import InferenceSettings
+from tests.inference.inference_helpers import load_bench_module
 
-REPO = Path(__file__).resolve().parents[2]
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-def load_bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lora_kernels", REPO / "bench" / "serving" / "lora_kernels.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-lk = load_bench_module()
+lk = load_bench_module("serving/lora_kernels.py")
 
 
 @pytest.fixture
