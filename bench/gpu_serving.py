@@ -244,7 +244,7 @@ def run_services(run: Run) -> None:
         if args.bare_relay:
             bare, bare_url = start_bare_relay(logs, f"127.0.0.1:{grpc_port}", settings.base_model)
             gateways.append(bare)  # stopped with the gateways
-            wait_ready(bare, bare_url, 60, path="/ready")
+            wait_ready(bare, bare_url, 60)
         key = tenant_key(urls[0], admin_key, TENANT)
         run.log(f"inference SERVING after {run.results['startup']['inference_serving_s']:.0f} s; gateways ready")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

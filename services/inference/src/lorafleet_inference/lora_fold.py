@@ -149,15 +149,20 @@ class FoldController:
         forward and outside any CUDA graph)."""
         ids = set(prompt_mapping)
         adapters = [lora_id for lora_id in ids if lora_id > 0]
-        self.active = len(adapters) == 1 and adapters[0] in lora_index_to_id
+        slot_of: dict[int | None, int] = {}
+        for index, lora_id in enumerate(lora_index_to_id):
+            slot_of.setdefault(lora_id, index)  # the first slot holding the id, as list.index finds it
+        in_slots = all(lora_id in slot_of for lora_id in adapters)
+        self.active = len(adapters) == 1 and in_slots
         if self.multi is not None:
-            several = len(adapters) > 1 and all(lora_id in lora_index_to_id for lora_id in adapters)
-            slots = tuple(sorted(lora_index_to_id.index(lora_id) for lora_id in adapters)) if several else ()
-            self.multi.begin_step(slots, token_slots)
+            several = len(adapters) > 1 and in_slots
+            self.multi.begin_step(
+                tuple(sorted(slot_of[lora_id] for lora_id in adapters)) if several else (), token_slots
+            )
         if not self.active:
             self._fill_mask("zeros")
             return
-        slot = lora_index_to_id.index(adapters[0])
+        slot = slot_of[adapters[0]]
         if slot != self.slot:
             for layer in self.layers.values():
                 getattr(layer, LAYER_ATTR).load_slot(layer, slot)
