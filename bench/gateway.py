@@ -248,21 +248,23 @@ def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: 
 
     pool = LoadPool(args.clients)
     direct_target, rows = f"127.0.0.1:{replica_port}", []
+    # Every gateway through every HTTP client: a path each.
+    paths = [(g, client) for g in gateways for client in args.http_client]
+    path_kw = [{"key": g.key, "base_model": MODEL, "http_client": client} for g, client in paths]
     try:
-        gateway_kw = [{"key": g.key, "base_model": MODEL} for g in gateways]
         pool.run("direct", direct_target, [("", "hello")] * 8, args.tokens, 4)  # warm-up
-        for gateway, kw in zip(gateways, gateway_kw, strict=True):
+        for (gateway, _), kw in zip(paths, path_kw, strict=True):
             pool.run("gateway", gateway.url, [("", "hello")] * 8 * max(1, gateway.workers), args.tokens, 8, **kw)
         for concurrency in args.concurrency:
             count = args.requests or max(args.min_requests, args.rounds * concurrency)
             rounds = max(1, min(args.interleave, count // concurrency))
             calls = [("", "hello")] * -(-count // rounds)
             direct_levels: list[Level] = []
-            levels: list[list[Level]] = [[] for _ in gateways]
-            cpu = [0.0 for _ in gateways]
+            levels: list[list[Level]] = [[] for _ in paths]
+            cpu = [0.0 for _ in paths]
             for _ in range(rounds):
                 direct_levels.append(pool.run("direct", direct_target, calls, args.tokens, concurrency, args.spread_s))
-                for i, (gateway, kw) in enumerate(zip(gateways, gateway_kw, strict=True)):
+                for i, ((gateway, _), kw) in enumerate(zip(paths, path_kw, strict=True)):
                     cpu_before = tree_cpu_seconds(gateway.pid)
                     levels[i].append(
                         pool.run("gateway", gateway.url, calls, args.tokens, concurrency, args.spread_s, **kw)
@@ -273,10 +275,11 @@ def measure_with_clients(args: argparse.Namespace, replica_port: int, gateways: 
                     else:
                         cpu[i] += cpu_after - cpu_before
             direct_run = pooled(direct_levels)
-            for i, gateway in enumerate(gateways):
+            for i, (gateway, client) in enumerate(paths):
                 gateway_run = pooled(levels[i])
                 rows.append(row(concurrency, len(gateway_run.samples) + gateway_run.errors, direct_run, gateway_run))
-                rows[-1] |= {"workers": gateway.workers, "target": gateway.label, "rounds": rounds}
+                label = gateway.label if len(args.http_client) == 1 else f"{gateway.label} {client}"
+                rows[-1] |= {"workers": gateway.workers, "target": label, "rounds": rounds, "http_client": client}
                 rows[-1] |= {"spread_s": args.spread_s}
                 walls = [level.wall_s for level in levels[i]]
                 rows[-1]["client_cpu_share"] = max(
@@ -355,7 +358,7 @@ def row(concurrency: int, count: int, direct: Run, gateway: Run) -> dict[str, An
 
 
 HEADER = (
-    f"{'streams':>7} {'workers':>7} {'requests':>8} | {'direct TTFT p50/p99':>19} | {'gateway TTFT p50/p99':>20} | "
+    f"{'streams':>7} {'path':>10} {'requests':>8} | {'direct TTFT p50/p99':>19} | {'gateway TTFT p50/p99':>20} | "
     f"{'added TTFT p50/p99':>18} | {'added total p50/p99':>19} | {'direct tok/s':>12} {'gw tok/s':>9} "
     f"{'ratio':>6} {'errors':>6} {'gw CPU/token':>12}"
 )
@@ -366,7 +369,7 @@ def print_row(r: dict[str, Any]) -> None:
         return f"{r[a]:.1f} / {r[b]:.1f} ms"
 
     print(
-        f"{r['concurrency']:>7} {r['target']:>7} {r['requests']:>8} | "
+        f"{r['concurrency']:>7} {r['target']:>10} {r['requests']:>8} | "
         f"{pair('direct_ttft_p50_ms', 'direct_ttft_p99_ms'):>19} | "
         f"{pair('gateway_ttft_p50_ms', 'gateway_ttft_p99_ms'):>20} | "
         f"{pair('added_ttft_p50_ms', 'added_ttft_p99_ms'):>18} | "
@@ -411,6 +414,14 @@ def main() -> int:
         help="with --clients: run each level as N rounds alternating direct and every gateway (default 1)",
     )
     parser.add_argument(
+        "--http-client",
+        type=lambda s: s.split(","),
+        default=["httpx"],
+        help="with --clients: the HTTP client(s) of the gateway paths, each a path of its own: httpx (what the openai "
+        "SDK uses; its own cost counts as the gateway's) or lean (bench/serving/lean_http.py: next to none; what "
+        "the gateway itself adds). Default httpx",
+    )
+    parser.add_argument(
         "--spread-s",
         type=float,
         default=0.0,
@@ -418,8 +429,10 @@ def main() -> int:
         "a burst; requests of one length then stay in step)",
     )
     args = parser.parse_args()
-    if (args.interleave > 1 or args.spread_s) and not args.clients:
-        parser.error("--interleave and --spread-s need --clients")
+    if (args.interleave > 1 or args.spread_s or args.http_client != ["httpx"]) and not args.clients:
+        parser.error("--interleave, --spread-s and --http-client need --clients")
+    if set(args.http_client) - {"httpx", "lean"}:
+        parser.error(f"--http-client: httpx or lean, not {args.http_client}")
     if args.quick:
         args.tokens, args.token_delay_ms, args.rounds, args.min_requests = 4, 2.0, 1, 4
 

@@ -418,6 +418,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--latency-gateways", type=int, default=1, help="latency levels through each of the first N gateways"
     )
     p.add_argument(
+        "--latency-lean-client",
+        action="store_true",
+        help="each latency level also through the first gateway with bench/serving/lean_http.py instead of httpx: "
+        "what the gateway adds without the cost of httpx's own client side",
+    )
+    p.add_argument(
         "--latency-adapter",
         action="store_true",
         help="each latency level also on one adapter, direct (what LoRA adds to the first token and to each token)",

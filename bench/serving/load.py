@@ -15,6 +15,7 @@ import contextlib
 import json
 import multiprocessing
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,6 +32,7 @@ class Job:
     key: str = ""  # the gateway's API key
     base_model: str = ""  # the gateway's model id of the base model (used when the adapter is "")
     first_delays: list[float] = field(default_factory=list)  # per stream: seconds after start_at of its first request
+    http_client: str = "httpx"  # gateway path: "httpx" (what the openai SDK uses) or "lean" (serving/lean_http.py)
 
 
 @dataclass
@@ -76,8 +78,8 @@ async def _direct_call(stub: Any, adapter: str, prompt: str, max_tokens: int) ->
     return Sample(start, (first or end) - t0, end - t0, tokens, gaps)
 
 
-async def _gateway_call(http: Any, job: Job, model: str, prompt: str) -> Sample:
-    body = {
+def _completion_body(job: Job, model: str, prompt: str) -> dict[str, Any]:
+    return {
         "model": model or job.base_model,
         "prompt": prompt,
         "max_tokens": job.max_tokens,
@@ -86,27 +88,49 @@ async def _gateway_call(http: Any, job: Job, model: str, prompt: str) -> Sample:
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
+
+
+async def _gateway_call(http: Any, job: Job, model: str, prompt: str) -> Sample:
     start, t0 = time.time(), time.perf_counter()
-    first = last = None
-    tokens, gaps = 0, []
-    async with http.stream("POST", "/v1/completions", json=body) as response:
+    async with http.stream("POST", "/v1/completions", json=_completion_body(job, model, prompt)) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"error event: {event['error']}")
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            if event.get("choices") and event["choices"][0].get("text"):
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                elif last is not None:
-                    gaps.append(now - last)  # an SSE event carries text, not a token count
-                last = now
+        return await _sample_of_events(_data_lines(response.aiter_lines()), start, t0)
+
+
+async def _lean_gateway_call(conn: Any, job: Job, model: str, prompt: str) -> Sample:
+    from serving.lean_http import sse_events
+
+    body = json.dumps(_completion_body(job, model, prompt)).encode()
+    start, t0 = time.time(), time.perf_counter()
+    return await _sample_of_events(sse_events(conn.post_stream("/v1/completions", body)), start, t0)
+
+
+async def _data_lines(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    async for line in lines:
+        if line.startswith("data: "):
+            yield line[6:]
+
+
+async def _sample_of_events(events: AsyncIterator[str | bytes], start: float, t0: float) -> Sample:
+    """A streamed completion's Sample from its SSE ``data:`` payloads (read to the end)."""
+    first = last = None
+    tokens, gaps = 0, []
+    async for data in events:
+        if data in ("[DONE]", b"[DONE]"):
+            continue
+        event = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"error event: {event['error']}")
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        if event.get("choices") and event["choices"][0].get("text"):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            elif last is not None:
+                gaps.append(now - last)  # an SSE event carries text, not a token count
+            last = now
     end = time.perf_counter()
     return Sample(start, (first or end) - t0, end - t0, tokens, gaps)
 
@@ -116,45 +140,54 @@ async def _run(job: Job) -> JobResult:
     import httpx
 
     from lorafleet.inference.v1 import inference_pb2_grpc as pb_grpc
+    from serving.lean_http import LeanConnection
 
     queue = list(reversed(job.calls))
     samples: list[Sample] = []
     channel = http = None
+    conns: list[LeanConnection] = []
+    headers = {"Authorization": f"Bearer {job.key}"}
     if job.path == "direct":
         channel = grpc.aio.insecure_channel(job.target)
         await channel.channel_ready()
         stub = pb_grpc.InferenceServiceStub(channel)
 
-        def one(adapter: str, prompt: str) -> Any:
+        def one(adapter: str, prompt: str, stream: int) -> Any:
             return _direct_call(stub, adapter, prompt, job.max_tokens)
+    elif job.http_client == "lean":
+        conns = [LeanConnection(job.target, headers) for _ in range(job.concurrency)]
+        # Open the connections before the start: a level measures requests, not TCP handshakes.
+        await asyncio.gather(*(conn.get("/health") for conn in conns))
+
+        def one(adapter: str, prompt: str, stream: int) -> Any:
+            return _lean_gateway_call(conns[stream], job, adapter, prompt)
     else:
         limits = httpx.Limits(max_connections=job.concurrency + 4, max_keepalive_connections=job.concurrency + 4)
-        headers = {"Authorization": f"Bearer {job.key}"}
         http = httpx.AsyncClient(base_url=job.target, headers=headers, limits=limits, timeout=900)
-        # Open the connections before the start: a level measures requests, not TCP handshakes.
         await asyncio.gather(*(http.get("/health") for _ in range(job.concurrency)))
 
-        def one(adapter: str, prompt: str) -> Any:
+        def one(adapter: str, prompt: str, stream: int) -> Any:
             return _gateway_call(http, job, adapter, prompt)
 
-    async def worker(delay: float) -> None:
+    async def worker(delay: float, stream: int) -> None:
         await asyncio.sleep(delay)
         while queue:
             adapter, prompt = queue.pop()
             try:
-                samples.append(await one(adapter, prompt))
+                samples.append(await one(adapter, prompt, stream))
             except Exception as exc:  # counted and reported, never dropped silently
                 samples.append(Sample(time.time(), 0.0, 0.0, 0, error=repr(exc)[:300]))
 
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
     cpu0, started = time.process_time(), time.time()
     delays = job.first_delays or [0.0] * job.concurrency
-    await asyncio.gather(*(worker(delay) for delay in delays))
+    await asyncio.gather(*(worker(delay, stream) for stream, delay in enumerate(delays)))
     ended, cpu = time.time(), time.process_time() - cpu0
     if channel is not None:
         await channel.close()
     if http is not None:
         await http.aclose()
+    await asyncio.gather(*(conn.close() for conn in conns))
     return JobResult(samples, cpu, started, ended)
 
 

@@ -105,6 +105,13 @@ def text(results: dict[str, Any]) -> str:
                     f"{'':>12}one adapter, direct: TTFT {a['ttft_p50_ms']:.1f}/{a['ttft_p99_ms']:.1f} "
                     f"TPOT {a['tpot_p50_ms']:.2f}/{a['tpot_p99_ms']:.2f}"
                 )
+            if "gateway_lean" in row:
+                lean = row["gateway_lean"]
+                lines.append(
+                    f"{'':>12}same gateway, lean HTTP client: TTFT {lean['ttft_p50_ms']:.1f}/{lean['ttft_p99_ms']:.1f} "
+                    f"TPOT {lean['tpot_p50_ms']:.2f}/{lean['tpot_p99_ms']:.2f} | added TTFT "
+                    f"{lean['added_ttft_p50_ms']:.1f}/{lean['added_ttft_p99_ms']:.1f}"
+                )
             for more in row.get("more_gateways", []):
                 lines.append(
                     f"{'':>12}another gateway ({more['workers']} worker{'s' if more['workers'] > 1 else ''}): TTFT "

@@ -49,16 +49,19 @@ class ServiceBench:
         concurrency: int,
         all_gw: bool = False,
         gateway: int = 0,
+        http_client: str = "httpx",
     ) -> Level:
         """One level of load; ``calls`` name adapters by store name ("" = base), mapped to the gateway's ids.
-        Through the gateway numbered ``gateway``, or spread over all of them (``all_gw``)."""
+        Through the gateway numbered ``gateway``, or spread over all of them (``all_gw``), with ``http_client``
+        (serving/load.py's Job)."""
         if path == "direct":
             return self.pool.run("direct", self.direct, calls, max_tokens, concurrency)
+        http = {"base_model": self.base, "http_client": http_client}
         if path == "bare":  # the replica's store names as models, no key: the relay does neither tenancy nor auth
-            return self.pool.run("gateway", [self.bare], calls, max_tokens, concurrency, key="-", base_model=self.base)
+            return self.pool.run("gateway", [self.bare], calls, max_tokens, concurrency, key="-", **http)
         model_ids = [(a.removeprefix(f"{TENANT}/"), p) for a, p in calls]
         targets = self.gateways if all_gw else self.gateways[gateway : gateway + 1]
-        return self.pool.run("gateway", targets, model_ids, max_tokens, concurrency, key=self.key, base_model=self.base)
+        return self.pool.run("gateway", targets, model_ids, max_tokens, concurrency, key=self.key, **http)
 
     def prompts(self, count: int, tokens: int | None = None) -> list[str]:
         return self.run.prompt_maker.prompts(count, tokens or self.args.prompt_tokens, self.run.next_seed())
@@ -109,9 +112,10 @@ class ServiceBench:
         the others (each with its worker count), every one with its time added to direct's."""
         row: dict[str, Any] = {}
 
-        def through(path: str, gateway: int = 0, adapter: str = "") -> dict[str, Any]:
+        def through(path: str, gateway: int = 0, adapter: str = "", http_client: str = "httpx") -> dict[str, Any]:
             calls = [(adapter, p) for p in self.prompts(requests)]
-            level = report.summarize(self.level(path, calls, self.args.output_tokens, streams, gateway=gateway))
+            level = self.level(path, calls, self.args.output_tokens, streams, gateway=gateway, http_client=http_client)
+            level = report.summarize(level)
             if path == "gateway":
                 for q in ("p50", "p99"):
                     for metric in ("ttft", "tpot"):
@@ -124,6 +128,8 @@ class ServiceBench:
             row["direct_adapter"] = through("direct", adapter=self.latency_adapter) | {"adapter": self.latency_adapter}
         row["gateway"] = through("gateway")
         row["gateway"]["workers"] = self.gateway_workers[0]
+        if self.args.latency_lean_client:  # the same gateway, the client's own cost left out
+            row["gateway_lean"] = through("gateway", http_client="lean") | {"workers": self.gateway_workers[0]}
         row["more_gateways"] = [
             through("gateway", i) | {"workers": self.gateway_workers[i]} for i in range(1, gateways)
         ]

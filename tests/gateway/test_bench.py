@@ -44,11 +44,15 @@ def test_gateway_bench_interleaves_rounds_with_the_bare_relay(tmp_path: Path) ->
     out = tmp_path / "rows.json"
     arguments = ["--quick", "--clients", "2", "--concurrency", "1,4", "--requests", "8", "--interleave", "2"]
     arguments += ["--spread-s", "0.02"]  # the streams' first requests 5 ms apart at 4 streams
+    arguments += ["--http-client", "httpx,lean"]  # each gateway through both clients: a path each
     run_bench("gateway.py", *arguments, "--bare-relay", "--json-out", str(out))
     rows = json.loads(out.read_text())
-    assert [(r["concurrency"], r["target"]) for r in rows] == [(1, "1"), (1, "bare"), (4, "1"), (4, "bare")]
+    paths = [
+        (level, f"{target} {client}") for level in (1, 4) for target in ("1", "bare") for client in ("httpx", "lean")
+    ]
+    assert [(r["concurrency"], r["target"]) for r in rows] == paths
     for row in rows:
-        # every request answered, in two rounds of half the level each, tokens counted through both paths
+        # every request answered, in two rounds of half the level each, tokens counted through every path
         assert row["errors"] == 0 and row["requests"] == 8 and row["rounds"] == 2 and len(row["round_walls_s"]) == 2
         assert row["direct_tokens_per_s"] > 0 and 0 < row["throughput_ratio"] < 2 and row["spread_s"] == 0.02
 

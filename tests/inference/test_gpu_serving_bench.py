@@ -32,7 +32,9 @@ def run_bench(out: Path, *extra: str) -> dict[str, Any]:
 
 def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
     # The first gateway runs two worker processes: its token counter (checked below) adds up both.
-    data = run_bench(tmp_path, "--gateway-workers", "2,1", "--latency-gateways", "2", "--bare-relay")
+    data = run_bench(
+        tmp_path, "--gateway-workers", "2,1", "--latency-gateways", "2", "--bare-relay", "--latency-lean-client"
+    )
     assert data["skipped"] == []
     assert set(data["throughput"]) == {"base", "1 adapter", "2 adapters", "3 adapters, 2 slots"}
     for case, row in data["throughput"].items():
@@ -59,6 +61,9 @@ def test_gpu_serving_bench_quick_through_our_services(tmp_path: Path) -> None:
         assert row["gateway"]["tpot_p50_ms"] > 0 and row["gateway"]["workers"] == 2
         (other,) = row["more_gateways"]  # the same level through the one-process gateway
         assert other["workers"] == 1 and other["errors"] == 0 and other["tpot_p50_ms"] > 0
+        lean = row["gateway_lean"]  # the first gateway again, through the lean HTTP client: every token counted
+        assert lean["errors"] == 0 and lean["tokens_per_request_min"] == QUICK_OUTPUT_TOKENS and lean["workers"] == 2
+        assert "added_ttft_p50_ms" in lean
     loads = data["adapter_loads"]
     for key in ("cold rank 8 (store -> first token)", "cold rank 16 (store -> first token)"):
         assert loads[key]["n"] == 1 and loads[key]["p50_ms"] > 0
