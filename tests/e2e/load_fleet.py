@@ -110,12 +110,26 @@ class StreamResult:
     completion_tokens: int | None = None  # from the final usage chunk
     first_token_at: float | None = None  # time.monotonic() of the first token
     first_token_s: float | None = None
-    ended_at: float | None = None
+    last_token_at: float | None = None  # time.monotonic() of the latest token
+    finish_at: float | None = None  # of the chunk that carried the finish_reason
+    ended_at: float | None = None  # the stream's end: after the usage chunk and [DONE], or the error
     seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
         return not self.error and self.completion_tokens is not None
+
+    def timeline(self, since: float) -> str:
+        """Where the time went, in seconds from ``since`` (for failure messages): tokens, first and last token,
+        finish_reason chunk, end."""
+        marks = {
+            "first": self.first_token_at,
+            "last": self.last_token_at,
+            "finish": self.finish_at,
+            "end": self.ended_at,
+        }
+        at = " ".join(f"{name} {t - since:+.2f}" for name, t in marks.items() if t is not None)
+        return f"{self.model}: {self.tokens} tokens, {at}"
 
 
 async def stream_chat(
@@ -149,6 +163,9 @@ async def stream_chat(
                         result.first_token_at = time.monotonic()
                         result.first_token_s = result.first_token_at - begin
                     result.tokens += len(choice.logprobs.content)
+                    result.last_token_at = time.monotonic()
+                if choice.finish_reason and result.finish_at is None:
+                    result.finish_at = time.monotonic()
                 result.finish_reason = choice.finish_reason or result.finish_reason
     except openai.OpenAIError as exc:
         result.error = f"{type(exc).__name__}: {exc}"

@@ -381,10 +381,11 @@ async def test_inference_drains_then_cuts_what_outlasts_its_deadline(fleet: Flee
     await client.close()
 
     short, long = ends[:3], ends[3:]
-    timings = [(r.model, r.tokens, round((r.ended_at or 0) - signalled, 2)) for r in ends]  # on failure: how far
+    # On failure: where each stream's time went (seconds from the signal), and when the new request was refused.
+    timings = [r.timeline(signalled) for r in ends] + [f"new request refused {refused_after:+.2f}"]
     for r in short:  # within the deadline: whole, with usage
         assert r.complete and r.completion_tokens == r.tokens == SHORT_TOKENS, (r, timings)
-        assert (r.ended_at or 0) - signalled < INFERENCE_DRAIN_S, timings
+        assert (r.ended_at or 0) - signalled < INFERENCE_DRAIN_S, (timings, inference.log_tail(60))
     for r in long:  # beyond it: cut, and the client is told
         assert r.completion_tokens is None and 0 < r.tokens < LONG_TOKENS, (r, timings)
         assert f"shutting down: its drain deadline ({INFERENCE_DRAIN_S} s) passed" in r.error, r.error

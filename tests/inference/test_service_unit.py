@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +141,11 @@ async def test_a_cancelled_stream_is_aborted_in_the_engine(renderer: PromptRende
 
 @pytest.mark.parametrize("final_abort_output", [True, False], ids=["abort-output", "stream-ends"])
 async def test_the_drain_deadline_ends_running_streams_with_its_reason(
-    renderer: PromptRenderer, tmp_path: Path, final_abort_output: bool
+    renderer: PromptRenderer, tmp_path: Path, final_abort_output: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """cut_in_flight aborts the engine's requests; however the engine ends the stream (vLLM 0.32 sends a final
-    "abort" output), the caller gets ServiceUnavailable with the reason, never a stream that looks finished."""
+    "abort" output), the caller gets ServiceUnavailable with the reason, never a stream that looks finished. The
+    drain logs what it starts with and every request that ends during it."""
     aborted = asyncio.Event()
 
     class AbortableEngine(ScriptedEngine):
@@ -161,11 +163,16 @@ async def test_the_drain_deadline_ends_running_streams_with_its_reason(
     svc = service(engine, renderer, tmp_path)
     stream = svc.generate(pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=9)))
     assert (await stream.__anext__()).text == "a"
+    caplog.set_level(logging.INFO, logger="lorafleet_inference.service")
     svc.begin_drain()
     assert await svc.cut_in_flight("the drain deadline passed") == 1
     with pytest.raises(ServiceUnavailable, match="the drain deadline passed"):
         await stream.__anext__()
     assert engine.aborted and await svc.wait_idle(0)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain:")] == [
+        "drain: refusing new requests; 1 running, 0 waiting",
+        "drain: a request on the base model ended; 0 running, 0 waiting",
+    ]
     with pytest.raises(ServiceUnavailable):  # and nothing new starts
         await svc.generate(pb.GenerateRequest(prompt="x")).__anext__()
 

@@ -242,6 +242,13 @@ class InferenceService:
         else:
             self._waiting -= 1
         self._update_gauges()
+        if self._draining:  # a shutdown's progress, for whoever watches the replica go (a handful of lines)
+            log.info(
+                "drain: a request on %s ended; %d running, %d waiting",
+                progress.adapter_name or "the base model",
+                self._running,
+                self._waiting,
+            )
         if self._running + self._waiting == 0:
             self._idle.set()
 
@@ -303,6 +310,7 @@ class InferenceService:
     def begin_drain(self) -> None:
         """Refuse new Generate calls (UNAVAILABLE); running ones go on."""
         self._draining = True
+        log.info("drain: refusing new requests; %d running, %d waiting", self._running, self._waiting)
 
     async def cut_in_flight(self, reason: str) -> int:
         """End every running generation now with ServiceUnavailable(``reason``), which its caller receives as
