@@ -4,6 +4,8 @@
 #   bash bench/gpu_device.sh [bench/gpu_serving.py arguments...]        # our services
 #   bash bench/gpu_device.sh --raw [arguments...]                        # vLLM's offline engine, same cases
 #   SCRIPT=bench/lora_mixed_check.py bash bench/gpu_device.sh           # adapters beside base-model requests
+#   SCRIPT=bench/gateway.py SCRIPT_PLAIN=1 bash bench/gpu_device.sh --clients 8 ... --json-out '$OUT/g.json'
+#                                                                       # the host's CPUs only (fake replica)
 # gpu-bundle/ holds (built on a machine with PyPI, see docs/benchmarks.md "GPU serving (H100)"):
 #   vllm026/    vLLM 0.26.0 + its missing dependencies in xz chunks (../shared/gpu/build_vllm_bundle.sh)
 #   extra/      cp312 wheels our services need beyond the image and vLLM (bench/gpu-extra-wheels.txt)
@@ -37,7 +39,9 @@ PY
 mkdir -p /tmp/qwen25-tokenizer && tar -C /tmp/qwen25-tokenizer -xJf "$BUNDLE/tokenizer/qwen25-tokenizer.tar.xz"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); services from $SRC"
-if [ -n "${SCRIPT:-}" ]; then  # another script of ours that takes --tokenizer-from and --out (bench/lora_mixed_check.py)
+if [ -n "${SCRIPT:-}" ] && [ -n "${SCRIPT_PLAIN:-}" ]; then  # a script with its own arguments only (bench/gateway.py)
+  timeout "${LIMIT_S:-575}" python3 "$SCRIPT" "$@" > "$OUT/stdout.txt" 2> "$OUT/stderr.txt"
+elif [ -n "${SCRIPT:-}" ]; then  # another script of ours that takes --tokenizer-from and --out (bench/lora_mixed_check.py)
   timeout "${LIMIT_S:-575}" python3 "$SCRIPT" --tokenizer-from /tmp/qwen25-tokenizer --out "$OUT" "$@" \
     > "$OUT/stdout.txt" 2> "$OUT/stderr.txt"
 else
