@@ -31,7 +31,7 @@ down: ## Stop the services that `make up` started.
 
 bench: install ## Run the CPU benchmarks, each printing ratios measured side by side (docs/benchmarks.md).
 	$(PY) bench/inference.py
-	$(PY) bench/gateway.py
+	$(PY) bench/gateway.py --http-client httpx,lean
 
 ##@ Development
 install: $(INSTALLED) ## Create .venv with the CPU stack and the four service packages.

@@ -11,6 +11,8 @@ throughput ratio gateway/direct.
     python bench/gateway.py                 # full run (about a minute)
     python bench/gateway.py --quick         # smoke run (seconds)
     python bench/gateway.py --gateway-workers 1,8   # one gateway per worker count, each level through each
+    python bench/gateway.py --http-client httpx,lean   # each gateway through httpx (the openai SDK's client) and
+        # through bench/serving/lean_http.py, whose own cost is next to none: what the gateway itself adds
     python bench/gateway.py --clients 8 --gateway-workers 1,4 --bare-relay --interleave 8 [--spread-s 0.64]
         # load from 8 processes; bench/bare_relay.py (the floor) as one more column; every level in 8 rounds
         # alternating the paths, pooled per path (a drift of the machine hits every path alike); with
@@ -131,6 +133,32 @@ def gateway_call(http: httpx.AsyncClient, max_tokens: int | None = None) -> Call
                 if line == "data: [DONE]":
                     break
         end = time.perf_counter()
+        return Sample((first or end) - started, end - started, max(0, events - 2))  # minus role and [DONE]
+
+    return one
+
+
+def lean_gateway_call(url: str, key: str, max_tokens: int | None = None) -> Callable[[], Awaitable[Sample]]:
+    """``gateway_call`` through serving/lean_http.py: keep-alive connections reused from a free list."""
+    from serving.lean_http import LeanConnection, sse_events
+
+    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    payload = json.dumps(body).encode()
+    idle: list[LeanConnection] = []
+
+    async def one() -> Sample:
+        conn = idle.pop() if idle else LeanConnection(url, {"Authorization": f"Bearer {key}"})
+        started = time.perf_counter()
+        first = None
+        events = 0
+        async for _ in sse_events(conn.post_stream("/v1/chat/completions", payload)):  # read to the end: reusable
+            events += 1
+            if events == 2 and first is None:  # event 1 is the role chunk; event 2 the first token
+                first = time.perf_counter()
+        end = time.perf_counter()
+        idle.append(conn)
         return Sample((first or end) - started, end - started, max(0, events - 2))  # minus role and [DONE]
 
     return one
@@ -312,19 +340,25 @@ async def measure(args: argparse.Namespace, replica_port: int, gateways: list[Ga
         for g in gateways
     ]
     direct = direct_call(stub)
-    throughs = [gateway_call(http) for http in clients]
+    # Every gateway through every HTTP client: a path each.
+    paths = [(g, client) for g in gateways for client in args.http_client]
+    throughs = [
+        gateway_call(http) if client == "httpx" else lean_gateway_call(g.url, g.key)
+        for (g, client), http in zip(paths, [c for c in clients for _ in args.http_client], strict=True)
+    ]
     await load(4, 8, direct)  # warm up every path (connections, caches)
     for through in throughs:
         await load(4, 8 * max(max(1, g.workers) for g in gateways), through)
     for concurrency in args.concurrency:
         count = args.requests or max(args.min_requests, args.rounds * concurrency)
         direct_run = await load(concurrency, count, direct)
-        for gateway, through in zip(gateways, throughs, strict=True):
+        for (gateway, client), through in zip(paths, throughs, strict=True):
             cpu_before, client_before = tree_cpu_seconds(gateway.pid), time.process_time()
             gateway_run = await load(concurrency, count, through)
             cpu_after, client_cpu = tree_cpu_seconds(gateway.pid), time.process_time() - client_before
             rows.append(row(concurrency, count, direct_run, gateway_run))
-            rows[-1] |= {"workers": gateway.workers, "target": gateway.label, "rounds": 1}
+            label = gateway.label if len(args.http_client) == 1 else f"{gateway.label} {client}"
+            rows[-1] |= {"workers": gateway.workers, "target": label, "rounds": 1, "http_client": client}
             # near 1: this benchmark's own client (one event loop) set the pace, not the gateway
             rows[-1]["client_cpu_share"] = client_cpu / gateway_run.wall_s if gateway_run.wall_s else float("nan")
             tokens = sum(s.tokens for s in gateway_run.samples)
@@ -417,7 +451,7 @@ def main() -> int:
         "--http-client",
         type=lambda s: s.split(","),
         default=["httpx"],
-        help="with --clients: the HTTP client(s) of the gateway paths, each a path of its own: httpx (what the openai "
+        help="the HTTP client(s) of the gateway paths, each a path of its own: httpx (what the openai "
         "SDK uses; its own cost counts as the gateway's) or lean (bench/serving/lean_http.py: next to none; what "
         "the gateway itself adds). Default httpx",
     )
@@ -429,8 +463,8 @@ def main() -> int:
         "a burst; requests of one length then stay in step)",
     )
     args = parser.parse_args()
-    if (args.interleave > 1 or args.spread_s or args.http_client != ["httpx"]) and not args.clients:
-        parser.error("--interleave, --spread-s and --http-client need --clients")
+    if (args.interleave > 1 or args.spread_s) and not args.clients:
+        parser.error("--interleave and --spread-s need --clients")
     if set(args.http_client) - {"httpx", "lean"}:
         parser.error(f"--http-client: httpx or lean, not {args.http_client}")
     if args.quick:

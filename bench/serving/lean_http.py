@@ -51,6 +51,8 @@ class LeanConnection:
         return self._exchange(request)
 
     async def _exchange(self, request: bytes) -> AsyncIterator[bytes]:
+        if self._reader is not None and self._reader.at_eof():  # the server closed it while idle (keep-alive timeout)
+            await self.close()
         if self._writer is None:
             await self.open()
         reader, writer = self._reader, self._writer

@@ -26,13 +26,15 @@ def table_rows(output: str) -> dict[str, list[str]]:
 
 
 def test_gateway_bench_quick() -> None:
-    """Each level direct, then through a one-process gateway and one with two worker processes."""
-    lines = run_bench("gateway.py", "--quick", "--gateway-workers", "1,2").splitlines()
+    """Each level direct, then through a one-process gateway and one with two worker processes, each through
+    httpx and through the lean client."""
+    lines = run_bench("gateway.py", "--quick", "--gateway-workers", "1,2", "--http-client", "httpx,lean").splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("streams"))
     assert "added TTFT p50/p99" in lines[header] and "ratio" in lines[header]
     rows = [line.split("|")[-1].split() for line in lines[header + 1 :]]
-    levels = [tuple(line.split()[:2]) for line in lines[header + 1 :]]
-    assert levels == [("1", "1"), ("1", "2"), ("16", "1"), ("16", "2"), ("64", "1"), ("64", "2")]
+    levels = [tuple(line.split()[:3]) for line in lines[header + 1 :]]
+    paths = [(w, c) for w in ("1", "2") for c in ("httpx", "lean")]
+    assert levels == [(level, *path) for level in ("1", "16", "64") for path in paths]
     for row in rows:  # direct tok/s, gw tok/s, ratio, errors, gateway CPU per token
         ratio, errors = float(row[2]), int(row[3])
         assert errors == 0 and 0 < ratio < 2

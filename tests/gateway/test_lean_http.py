@@ -14,11 +14,16 @@ EVENTS = [b'{"n": 1}', b'{"n": 2, "text": "a\\nb"}', b"[DONE]"]
 SSE = b"".join(b"data: " + e + b"\n\n" for e in EVENTS)
 
 
-async def serve(handler: object) -> AsyncIterator[tuple[str, list[bytes]]]:
-    """A server on a free loopback port; yields its URL and the raw requests it read."""
+async def serve(
+    handler: object, connections: list[asyncio.StreamWriter] | None = None
+) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A server on a free loopback port; yields its URL and the raw requests it read. Its connections' writers
+    are added to ``connections``, for a test to close."""
     requests: list[bytes] = []
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if connections is not None:
+            connections.append(writer)
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -99,3 +104,21 @@ async def test_an_abandoned_stream_does_not_garble_the_next_request(stream_serve
     events = [e async for e in sse_events(conn.post_stream("/", b"{}"))]  # a fresh connection, a whole answer
     assert events == EVENTS
     await conn.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    """Servers close idle keep-alive connections (uvicorn after 5 s): the next request opens a new one."""
+
+    def respond(n: int) -> list[bytes]:
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+    closers: list[asyncio.StreamWriter] = []
+    async for url, requests in serve(respond, closers):
+        conn = LeanConnection(url, {})
+        assert await conn.get("/") == b"ok"
+        for writer in closers:  # the server's keep-alive timeout passes
+            writer.close()
+        await asyncio.sleep(0.05)
+        assert await conn.get("/") == b"ok"
+        assert len(requests) == 2
+        await conn.close()
