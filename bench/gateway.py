@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,28 +112,35 @@ def direct_call(stub: Any) -> Callable[[], Awaitable[Sample]]:
     return one
 
 
-def gateway_call(http: httpx.AsyncClient, max_tokens: int | None = None) -> Callable[[], Awaitable[Sample]]:
+def chat_body(max_tokens: int | None) -> dict[str, object]:
     body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
     if max_tokens:
         body["max_tokens"] = max_tokens
+    return body
+
+
+async def chat_sample(events: AsyncIterator[object], started: float) -> Sample:
+    """A streamed chat completion's Sample from its SSE data events, [DONE] included, read to the end."""
+    first = None
+    count = 0
+    async for _ in events:
+        count += 1
+        if count == 2:  # event 1 is the role chunk; event 2 the first token
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return Sample((first or end) - started, end - started, max(0, count - 2))  # minus role and [DONE]
+
+
+def gateway_call(http: httpx.AsyncClient, max_tokens: int | None = None) -> Callable[[], Awaitable[Sample]]:
+    body = chat_body(max_tokens)
 
     async def one() -> Sample:
         started = time.perf_counter()
-        first = None
-        events = 0
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code} {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events += 1
-                if events == 2 and first is None:  # event 1 is the role chunk; event 2 the first token
-                    first = time.perf_counter()
-                if line == "data: [DONE]":
-                    break
-        end = time.perf_counter()
-        return Sample((first or end) - started, end - started, max(0, events - 2))  # minus role and [DONE]
+            lines = response.aiter_lines()
+            return await chat_sample((line async for line in lines if line.startswith("data: ")), started)
 
     return one
 
@@ -142,24 +149,15 @@ def lean_gateway_call(url: str, key: str, max_tokens: int | None = None) -> Call
     """``gateway_call`` through serving/lean_http.py: keep-alive connections reused from a free list."""
     from serving.lean_http import LeanConnection, sse_events
 
-    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
-    if max_tokens:
-        body["max_tokens"] = max_tokens
-    payload = json.dumps(body).encode()
+    payload = json.dumps(chat_body(max_tokens)).encode()
     idle: list[LeanConnection] = []
 
     async def one() -> Sample:
         conn = idle.pop() if idle else LeanConnection(url, {"Authorization": f"Bearer {key}"})
-        started = time.perf_counter()
-        first = None
-        events = 0
-        async for _ in sse_events(conn.post_stream("/v1/chat/completions", payload)):  # read to the end: reusable
-            events += 1
-            if events == 2 and first is None:  # event 1 is the role chunk; event 2 the first token
-                first = time.perf_counter()
-        end = time.perf_counter()
+        # read to the end (chat_sample does): the connection is then reusable
+        sample = await chat_sample(sse_events(conn.post_stream("/v1/chat/completions", payload)), time.perf_counter())
         idle.append(conn)
-        return Sample((first or end) - started, end - started, max(0, events - 2))  # minus role and [DONE]
+        return sample
 
     return one
 

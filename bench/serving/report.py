@@ -58,6 +58,14 @@ def passes(row: dict[str, Any], paths: tuple[str, ...]) -> list[tuple[str, dict[
     return named + [(f"gw{i + 1} x{r['workers']}", r) for i, r in enumerate(row.get("more_gateways", []))]
 
 
+def other_gateway_line(label: str, r: dict[str, Any]) -> str:
+    """A latency level through another gateway path, under its level's first line."""
+    return (
+        f"{'':>12}{label}: TTFT {r['ttft_p50_ms']:.1f}/{r['ttft_p99_ms']:.1f} TPOT {r['tpot_p50_ms']:.2f}/"
+        f"{r['tpot_p99_ms']:.2f} | added TTFT {r['added_ttft_p50_ms']:.1f}/{r['added_ttft_p99_ms']:.1f}"
+    )
+
+
 def text(results: dict[str, Any]) -> str:
     lines = [f"== {results.get('title', 'serving benchmark')}"]
     for key in ("versions", "hardware", "engine"):
@@ -106,19 +114,10 @@ def text(results: dict[str, Any]) -> str:
                     f"TPOT {a['tpot_p50_ms']:.2f}/{a['tpot_p99_ms']:.2f}"
                 )
             if "gateway_lean" in row:
-                lean = row["gateway_lean"]
-                lines.append(
-                    f"{'':>12}same gateway, lean HTTP client: TTFT {lean['ttft_p50_ms']:.1f}/{lean['ttft_p99_ms']:.1f} "
-                    f"TPOT {lean['tpot_p50_ms']:.2f}/{lean['tpot_p99_ms']:.2f} | added TTFT "
-                    f"{lean['added_ttft_p50_ms']:.1f}/{lean['added_ttft_p99_ms']:.1f}"
-                )
+                lines.append(other_gateway_line("same gateway, lean HTTP client", row["gateway_lean"]))
             for more in row.get("more_gateways", []):
-                lines.append(
-                    f"{'':>12}another gateway ({more['workers']} worker{'s' if more['workers'] > 1 else ''}): TTFT "
-                    f"{more['ttft_p50_ms']:.1f}/{more['ttft_p99_ms']:.1f} TPOT {more['tpot_p50_ms']:.2f}/"
-                    f"{more['tpot_p99_ms']:.2f} | added TTFT {more['added_ttft_p50_ms']:.1f}/"
-                    f"{more['added_ttft_p99_ms']:.1f}"
-                )
+                workers = f"{more['workers']} worker{'s' if more['workers'] > 1 else ''}"
+                lines.append(other_gateway_line(f"another gateway ({workers})", more))
     loads = results.get("adapter_loads", {})
     if loads:
         lines.append("")

@@ -4,7 +4,7 @@ that splits its responses at awkward places."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -15,7 +15,7 @@ SSE = b"".join(b"data: " + e + b"\n\n" for e in EVENTS)
 
 
 async def serve(
-    handler: object, connections: list[asyncio.StreamWriter] | None = None
+    handler: Callable[[int], list[bytes]], connections: list[asyncio.StreamWriter] | None = None
 ) -> AsyncIterator[tuple[str, list[bytes]]]:
     """A server on a free loopback port; yields its URL and the raw requests it read. Its connections' writers
     are added to ``connections``, for a test to close."""
@@ -33,7 +33,7 @@ async def serve(
                 (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0
             )
             requests.append(head + await reader.readexactly(length))
-            for piece in handler(len(requests)):  # type: ignore[operator]
+            for piece in handler(len(requests)):
                 writer.write(piece)
                 await writer.drain()
                 await asyncio.sleep(0.001)  # separate TCP segments: the client must join them
